@@ -1,0 +1,148 @@
+"""Frozen configuration for SAEs and training. Derived values are properties; bad values raise
+:class:`~saejax.errors.ConfigError` at construction, naming the field."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+
+from saejax.errors import ConfigError, check
+
+ARCHS = ("topk", "batchtopk", "relu", "jumprelu")
+TOPK_FAMILY = ("topk", "batchtopk")
+
+
+def closest(name: str, options) -> str:
+    """' (did you mean X?)' for the closest of ``options``, or ''."""
+    hit = difflib.get_close_matches(str(name), [str(o) for o in options], n=1)
+    return f" (did you mean {hit[0]!r}?)" if hit else ""
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """One sparse autoencoder's shape and objective (shape-changing fields compile a new program)."""
+
+    d_in: int
+    """Width of the activations."""
+    d_sae: int
+    """Number of latents (dictionary size)."""
+    arch: str = "topk"
+    """``topk`` (k latents per token; Gao et al. 2024), ``batchtopk`` (k·batch per batch; Bussmann
+    et al. 2024), ``relu`` (ReLU + L1; Bricken et al. 2023), ``jumprelu`` (Rajamanoharan et al. 2024)."""
+    k: int = 32
+    """Active latents per token for the TopK family."""
+    l1_coef: float = 1e-3
+    """ReLU: weight of the L1 penalty ``sum_j z_j ||W_dec[j]||``."""
+    l0_coef: float = 1e-3
+    """JumpReLU: weight of the (straight-through) L0 penalty."""
+    jump_bandwidth: float = 1e-3
+    """JumpReLU: width of the rectangle kernel in the straight-through estimator."""
+    jump_init_threshold: float = 1e-3
+    """JumpReLU: initial threshold of every latent."""
+    unit_norm_decoder: bool = True
+    """Keep decoder rows unit-norm: remove the gradient component parallel to each row and
+    project the rows back to the sphere after every step (SAELens, sparsify, dictionary_learning)."""
+    enc_init_transpose: bool = True
+    """Initialise the encoder as the decoder's transpose (Gao et al. 2024; Conerly et al. 2024)."""
+    b_dec_init: str = "mean"
+    """Decoder bias initialisation: ``mean`` or ``median`` (geometric) of a data sample, or ``zeros``."""
+    normalize_input: bool = True
+    """Scale inputs to unit mean squared norm; the scale is folded back into the weights on export."""
+    aux_k: int | None = None
+    """AuxK (Gao et al. 2024): dead latents used to reconstruct the residual; ``None`` = d_in // 2, 0 = off."""
+    aux_coef: float = 1 / 32
+    """Weight of the AuxK loss."""
+    dead_tokens: int = 1_000_000
+    """A latent is dead if it has not fired in the last this-many training tokens."""
+    kernel: str = "dense"
+    """TopK family: ``dense`` matmuls or ``sparse`` gather/scatter-add decoding (same numbers)."""
+
+    def __post_init__(self):
+        check(self.arch in ARCHS, f"unknown SAE architecture {self.arch!r}; expected one of {ARCHS}{closest(self.arch, ARCHS)}")
+        check(isinstance(self.d_in, int) and self.d_in > 0, f"d_in must be a positive integer, got {self.d_in!r}")
+        check(isinstance(self.d_sae, int) and self.d_sae > 0, f"d_sae must be a positive integer, got {self.d_sae!r}")
+        if self.arch in TOPK_FAMILY:
+            check(isinstance(self.k, int) and 0 < self.k < self.d_sae,
+                  f"k must satisfy 0 < k < d_sae={self.d_sae}, got k={self.k!r}")
+        check(self.b_dec_init in ("mean", "median", "zeros"), f"b_dec_init must be 'mean', 'median' or 'zeros', got {self.b_dec_init!r}")
+        check(self.kernel in ("dense", "sparse"), f"kernel must be 'dense' or 'sparse', got {self.kernel!r}")
+        check(self.kernel == "dense" or self.arch == "topk", f"kernel='sparse' is implemented for arch='topk' only, got arch={self.arch!r}")
+        check(self.aux_k is None or self.aux_k >= 0, f"aux_k must be >= 0 or None, got {self.aux_k!r}")
+        check(self.dead_tokens > 0, f"dead_tokens must be positive, got {self.dead_tokens!r}")
+        for f in ("l1_coef", "l0_coef", "jump_bandwidth", "jump_init_threshold", "aux_coef"):
+            check(getattr(self, f) >= 0, f"{f} must be >= 0, got {getattr(self, f)!r}")
+
+    @property
+    def n_aux(self) -> int:
+        """Latents used by AuxK (0 when off or the architecture is not in the TopK family)."""
+        if self.arch not in TOPK_FAMILY:
+            return 0
+        n = self.d_in // 2 if self.aux_k is None else self.aux_k
+        return min(n, self.d_sae)
+
+    @property
+    def sparsity_coef_name(self) -> str | None:
+        return {"relu": "l1_coef", "jumprelu": "l0_coef"}.get(self.arch)
+
+    def replace(self, **kw) -> "SAEConfig":
+        return dataclasses.replace(self, **kw)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How long and how to optimise. Floats here (lr, coefficients) may be swept in one program."""
+
+    batch_size: int = 4096
+    """Tokens per step."""
+    steps: int | None = None
+    """Optimiser steps; give this or ``epochs``."""
+    epochs: float | None = None
+    """Passes over a finite source (steps = ceil(epochs * n_tokens / batch_size))."""
+    lr: float = 3e-4
+    """Peak Adam learning rate."""
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up from 0."""
+    decay: str = "constant"
+    """Learning rate after warm-up: ``constant``, ``linear`` (to 0) or ``cosine`` (to 0)."""
+    sparsity_warmup_steps: int = 0
+    """Linear warm-up of the L1/L0 coefficient from 0 (ReLU and JumpReLU)."""
+    grad_clip: float | None = None
+    """Clip the global gradient norm (per seed) before Adam."""
+    log_every: int = 10
+    """Metrics are averaged over windows of this many steps."""
+    chunk_steps: int = 200
+    """Steps per compiled call (progress updates between chunks; capped by host memory)."""
+    chunk_bytes: int = 256 * 2**20
+    """Upper bound on the host batch buffer of one chunk."""
+    root_seed: int = 0
+    """Seed i's parameter key is ``fold_in(PRNGKey(root_seed), i)``."""
+    data_seed: int = 0
+    """Seed of the data order shared by all seeds."""
+    same_data_order: bool = True
+    """All seeds see the same batches (only initialisation differs); False gives seed i the order
+    of data seed ``(data_seed, i)``."""
+    init_tokens: int = 16384
+    """Tokens sampled to estimate the input scale and the decoder-bias initialisation."""
+
+    def __post_init__(self):
+        check(self.batch_size > 0, f"batch_size must be positive, got {self.batch_size!r}")
+        check((self.steps is None) != (self.epochs is None), f"give exactly one of steps or epochs, got steps={self.steps!r}, epochs={self.epochs!r}")
+        check(self.steps is None or self.steps > 0, f"steps must be positive, got {self.steps!r}")
+        check(self.epochs is None or self.epochs > 0, f"epochs must be positive, got {self.epochs!r}")
+        check(self.lr > 0, f"lr must be positive, got {self.lr!r}")
+        check(self.decay in ("constant", "linear", "cosine"), f"decay must be 'constant', 'linear' or 'cosine', got {self.decay!r}")
+        check(self.log_every > 0 and self.chunk_steps > 0, f"log_every and chunk_steps must be positive, got {self.log_every!r}, {self.chunk_steps!r}")
+        check(self.warmup_steps >= 0 and self.sparsity_warmup_steps >= 0, "warm-up steps must be >= 0")
+
+    def total_steps(self, n_tokens: int | None) -> int:
+        if self.steps is not None:
+            return self.steps
+        check(n_tokens is not None, "epochs needs a finite activation source; give steps for an endless one")
+        return max(1, -(-int(self.epochs * n_tokens) // self.batch_size))
+
+    def replace(self, **kw) -> "TrainConfig":
+        return dataclasses.replace(self, **kw)

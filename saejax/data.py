@@ -1,0 +1,140 @@
+"""Activation sources: anything that yields ``[batch, d_in]`` float32 batches for the trainer.
+
+A source is a small object with this protocol (see :class:`Source`):
+
+- ``d_in``: width of the activations.
+- ``n_tokens``: number of training tokens (one epoch), or ``None`` for an endless generator.
+- ``batches(batch_size, *, seed)``: an endless iterator of ``[batch_size, d_in]`` float32 numpy
+  arrays. Finite sources walk a fresh permutation of the training tokens each epoch, drawn from
+  ``(seed, epoch)``, so the same seed gives the same order on every machine.
+- ``heldout()``: a fixed ``[n, d_in]`` evaluation split, never trained on.
+- ``true_dictionary``: ``[n_features, d_in]`` ground-truth directions, or ``None``.
+
+The trainer only ever calls these, so an on-disk cache, an in-memory array and the synthetic
+model organism are interchangeable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol, runtime_checkable
+
+import numpy as np
+
+from saejax.errors import ConfigError, check
+
+
+@runtime_checkable
+class Source(Protocol):
+    d_in: int
+    n_tokens: int | None
+    true_dictionary: np.ndarray | None
+
+    def batches(self, batch_size: int, *, seed: int) -> Iterator[np.ndarray]: ...
+
+    def heldout(self) -> np.ndarray: ...
+
+
+def epoch_indices(n: int, batch_size: int, *, seed: int) -> Iterator[np.ndarray]:
+    """Endless stream of index batches over ``range(n)``: one fresh permutation per epoch.
+
+    Batches run across epoch boundaries, so every batch is full and no token is skipped.
+    """
+    check(batch_size > 0, f"batch_size must be positive, got {batch_size}")
+    check(n > 0, "the source has no training tokens")
+    buf = np.empty(0, dtype=np.int64)
+    epoch = 0
+    while True:
+        while buf.size < batch_size:
+            perm = np.random.default_rng([seed, epoch]).permutation(n)
+            buf = np.concatenate([buf, perm])
+            epoch += 1
+        yield buf[:batch_size]
+        buf = buf[batch_size:]
+
+
+def check_finite(x: np.ndarray, what: str) -> None:
+    bad = ~np.isfinite(x)
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0])
+        raise ConfigError(f"{what} contains NaN/inf values (first at row {row}); clean the data first")
+
+
+@dataclass
+class ArraySource:
+    """Activations already in memory: ``train`` ``[n, d_in]`` and an optional held-out split."""
+
+    train: np.ndarray
+    held: np.ndarray | None = None
+    true_dictionary: np.ndarray | None = None
+
+    def __post_init__(self):
+        self.train = np.asarray(self.train, dtype=np.float32)
+        check(self.train.ndim == 2, f"activations must be [tokens, d_in], got shape {self.train.shape}")
+        check(self.train.shape[0] > 0, "activation array is empty (0 tokens)")
+        check_finite(self.train, "activation array")
+        if self.held is None:
+            self.held = self.train[: min(4096, len(self.train))]
+        self.held = np.asarray(self.held, dtype=np.float32)
+
+    @property
+    def d_in(self) -> int:
+        return self.train.shape[1]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.train.shape[0]
+
+    def batches(self, batch_size: int, *, seed: int) -> Iterator[np.ndarray]:
+        for idx in epoch_indices(self.n_tokens, batch_size, seed=seed):
+            yield self.train[idx]
+
+    def heldout(self) -> np.ndarray:
+        return self.held
+
+
+@dataclass
+class SyntheticSource:
+    """Song et al. (2025, arXiv:2505.20254)'s model organism of superposition.
+
+    A ground-truth dictionary of ``n_features`` unit-norm Gaussian directions in ``d`` dimensions;
+    each sample has exactly ``s`` active features, chosen uniformly, with magnitudes ``|N(0, 1)|``;
+    ``x = sum_i m_i f_i``. ``true_dictionary`` exposes the directions for GT-MCC. Samples are a
+    pure function of ``(seed, batch index)``, so the stream is endless and reproducible.
+    """
+
+    d: int = 64
+    n_features: int = 128
+    s: int = 4
+    dictionary_seed: int = 0
+    n_heldout: int = 4096
+    true_dictionary: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self):
+        check(self.d > 0, f"synthetic d must be positive, got {self.d}")
+        check(self.n_features > 0, f"synthetic n_features must be positive, got {self.n_features}")
+        check(0 < self.s <= self.n_features, f"synthetic s must be in [1, n_features={self.n_features}], got {self.s}")
+        g = np.random.default_rng([self.dictionary_seed, 0]).standard_normal((self.n_features, self.d))
+        self.true_dictionary = (g / np.linalg.norm(g, axis=1, keepdims=True)).astype(np.float32)
+
+    @property
+    def d_in(self) -> int:
+        return self.d
+
+    n_tokens = None
+
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        # argsort of uniform noise picks s distinct features per row without a Python loop
+        active = np.argsort(rng.random((n, self.n_features)), axis=1)[:, : self.s]
+        mags = np.abs(rng.standard_normal((n, self.s))).astype(np.float32)
+        return np.einsum("ns,nsd->nd", mags, self.true_dictionary[active]).astype(np.float32)
+
+    def batches(self, batch_size: int, *, seed: int) -> Iterator[np.ndarray]:
+        check(batch_size > 0, f"batch_size must be positive, got {batch_size}")
+        i = 0
+        while True:
+            yield self.sample(batch_size, np.random.default_rng([self.dictionary_seed, 1, seed, i]))
+            i += 1
+
+    def heldout(self) -> np.ndarray:
+        return self.sample(self.n_heldout, np.random.default_rng([self.dictionary_seed, 2]))

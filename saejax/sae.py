@@ -1,0 +1,249 @@
+"""SAE architectures as pure functions over a parameter pytree, written for one seed.
+
+Parameters (SAELens layout): ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``,
+``b_dec [d_in]``, and for JumpReLU ``log_threshold [d_sae]``. Inputs are batches ``[B, d_in]``
+already scaled by the input normaliser; the seed axis comes from ``vmap`` in :mod:`saejax.train`.
+
+    pre = (x - b_dec) @ W_enc + b_enc        z = f(pre)        x_hat = z @ W_dec + b_dec
+
+with ``f`` per architecture:
+
+- ``topk``: keep the k largest pre-activations per token, then ReLU (Gao et al. 2024, arXiv:2406.04093).
+- ``batchtopk``: keep the k·B largest over the whole batch (Bussmann et al. 2024, arXiv:2412.06410);
+  at inference a threshold estimated during training replaces the batch top-k.
+- ``relu``: ReLU with L1 penalty ``sum_j z_j ||W_dec[j]||`` (Bricken et al. 2023; Conerly et al. 2024).
+- ``jumprelu``: ``z = pre * H(pre - theta)``, thresholds learned through a straight-through
+  estimator with a rectangle kernel of width ``jump_bandwidth`` and an L0 penalty
+  (Rajamanoharan et al. 2024, arXiv:2407.14435).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from saejax.config import TOPK_FAMILY, SAEConfig
+
+
+# ----------------------------------------------------------------------------- initialisation
+def init(cfg: SAEConfig, key: jax.Array, b_dec: jax.Array) -> dict:
+    """Parameters for one seed. ``b_dec`` comes from :func:`b_dec_init` (shared by all seeds)."""
+    k_dec, k_enc = jax.random.split(key)
+    w_dec = jax.random.normal(k_dec, (cfg.d_sae, cfg.d_in), jnp.float32)
+    w_dec = w_dec / jnp.linalg.norm(w_dec, axis=1, keepdims=True)
+    if cfg.enc_init_transpose:
+        w_enc = w_dec.T
+    else:  # PyTorch nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        bound = 1.0 / np.sqrt(cfg.d_in)
+        w_enc = jax.random.uniform(k_enc, (cfg.d_in, cfg.d_sae), jnp.float32, -bound, bound)
+    params = {"W_enc": w_enc, "b_enc": jnp.zeros(cfg.d_sae, jnp.float32), "W_dec": w_dec,
+              "b_dec": jnp.asarray(b_dec, jnp.float32)}
+    if cfg.arch == "jumprelu":
+        params["log_threshold"] = jnp.full(cfg.d_sae, np.log(cfg.jump_init_threshold), jnp.float32)
+    return params
+
+
+def geometric_median(x: np.ndarray, iters: int = 100, tol: float = 1e-6) -> np.ndarray:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to the rows."""
+    m = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / np.maximum(np.linalg.norm(x - m, axis=1), 1e-8)
+        new = (w[:, None] * x).sum(0) / w.sum()
+        if np.linalg.norm(new - m) < tol * max(1.0, np.linalg.norm(m)):
+            return new
+        m = new
+    return m
+
+
+def b_dec_init(cfg: SAEConfig, sample: np.ndarray) -> np.ndarray:
+    """Decoder-bias start from a (normalised) data sample: mean, geometric median or zeros."""
+    if cfg.b_dec_init == "zeros":
+        return np.zeros(cfg.d_in, np.float32)
+    if cfg.b_dec_init == "median":
+        return geometric_median(sample.astype(np.float64)).astype(np.float32)
+    return sample.mean(0).astype(np.float32)
+
+
+def input_scale(cfg: SAEConfig, sample: np.ndarray) -> float:
+    """Factor ``c`` with ``E ||c x||^2 = 1`` (1.0 when normalisation is off)."""
+    if not cfg.normalize_input:
+        return 1.0
+    return float(1.0 / np.sqrt(np.mean(np.sum(sample.astype(np.float64) ** 2, axis=1))))
+
+
+def fold_scale(params: dict, scale) -> dict:
+    """Express parameters trained on ``c x`` in the units of ``x``.
+
+    ``x_hat = z (W_dec / c) + b_dec / c`` and ``pre = (x - b_dec / c)(c W_enc) + b_enc``: the
+    latents, and so the thresholds, are unchanged. Works with or without a leading seed axis.
+    """
+    c = jnp.asarray(scale, jnp.float32)
+    out = dict(params)
+    out["W_enc"] = params["W_enc"] * c
+    out["W_dec"] = params["W_dec"] / c
+    out["b_dec"] = params["b_dec"] / c
+    return out
+
+
+# ----------------------------------------------------------------------------- forward
+def pre_acts(params: dict, x: jax.Array) -> jax.Array:
+    return (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
+
+
+def topk_select(pre: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """Top-k values (after ReLU) and their latent indices, per token: ``[B, k]`` each."""
+    vals, idx = jax.lax.top_k(pre, k)
+    return jax.nn.relu(vals), idx
+
+
+def scatter_latents(vals: jax.Array, idx: jax.Array, d_sae: int) -> jax.Array:
+    rows = jnp.arange(vals.shape[0])[:, None]
+    return jnp.zeros((vals.shape[0], d_sae), vals.dtype).at[rows, idx].set(vals)
+
+
+def batchtopk_latents(pre: jax.Array, k: int) -> jax.Array:
+    """Keep the ``k * B`` largest ReLU'd pre-activations of the whole batch."""
+    b, d = pre.shape
+    flat = jax.nn.relu(pre).reshape(-1)
+    vals, idx = jax.lax.top_k(flat, k * b)
+    return jnp.zeros_like(flat).at[idx].set(vals).reshape(b, d)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def heaviside_ste(pre: jax.Array, threshold: jax.Array, bandwidth: float) -> jax.Array:
+    """``H(pre - threshold)``; d/dthreshold = -(1/eps) K((pre - threshold)/eps), K a unit rectangle."""
+    return (pre > threshold).astype(pre.dtype)
+
+
+def _heaviside_fwd(pre, threshold, bandwidth):
+    return heaviside_ste(pre, threshold, bandwidth), (pre, threshold)
+
+
+def _heaviside_bwd(bandwidth, res, g):
+    pre, threshold = res
+    rect = (jnp.abs((pre - threshold) / bandwidth) < 0.5).astype(pre.dtype)
+    d_thr = -(1.0 / bandwidth) * rect * g
+    return jnp.zeros_like(pre), d_thr.sum(axis=tuple(range(d_thr.ndim - threshold.ndim)))
+
+
+heaviside_ste.defvjp(_heaviside_fwd, _heaviside_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def jumprelu(pre: jax.Array, threshold: jax.Array, bandwidth: float) -> jax.Array:
+    """``pre * H(pre - threshold)``; d/dthreshold = -(threshold/eps) K((pre - threshold)/eps)."""
+    return pre * (pre > threshold)
+
+
+def _jumprelu_fwd(pre, threshold, bandwidth):
+    return jumprelu(pre, threshold, bandwidth), (pre, threshold)
+
+
+def _jumprelu_bwd(bandwidth, res, g):
+    pre, threshold = res
+    gate = (pre > threshold).astype(pre.dtype)
+    rect = (jnp.abs((pre - threshold) / bandwidth) < 0.5).astype(pre.dtype)
+    d_thr = -(threshold / bandwidth) * rect * g
+    return g * gate, d_thr.sum(axis=tuple(range(d_thr.ndim - threshold.ndim)))
+
+
+jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
+
+
+def encode(cfg: SAEConfig, params: dict, x: jax.Array, threshold: jax.Array | None = None) -> jax.Array:
+    """Latents ``[B, d_sae]`` for inference. BatchTopK uses its estimated ``threshold`` when given
+    (per-token, batch-independent) and the batch top-k otherwise."""
+    pre = pre_acts(params, x)
+    if cfg.arch == "topk":
+        return scatter_latents(*topk_select(pre, cfg.k), cfg.d_sae)
+    if cfg.arch == "batchtopk":
+        if threshold is None:
+            return batchtopk_latents(pre, cfg.k)
+        return jnp.where(pre > threshold, pre, 0.0) * (pre > 0)
+    if cfg.arch == "relu":
+        return jax.nn.relu(pre)
+    thr = jnp.exp(params["log_threshold"])
+    return jnp.where(pre > thr, pre, 0.0)
+
+
+def decode(params: dict, z: jax.Array) -> jax.Array:
+    return z @ params["W_dec"] + params["b_dec"]
+
+
+# ----------------------------------------------------------------------------- objective
+def loss(cfg: SAEConfig, params: dict, x: jax.Array, hp: dict, dead: jax.Array, ramp: jax.Array):
+    """Training loss for one seed on a batch, and its metrics.
+
+    ``L = mean_b ||x - x_hat||^2 + sparsity``, where sparsity is ``ramp * l1_coef * sum_j z_j
+    ||W_dec[j]||`` (ReLU), ``ramp * l0_coef * sum_j H(pre_j - theta_j)`` (JumpReLU), or for the
+    TopK family ``aux_coef * AuxK``: the ``n_aux`` largest pre-activations among ``dead`` latents
+    reconstruct the residual ``e = x - x_hat``, ``AuxK = ||e - e_hat||^2 / ||e - mean(e)||^2``
+    (Gao et al. 2024, normalised as in EleutherAI sparsify). ``hp`` holds the traced floats
+    (``lr``, ``l1_coef``, ``l0_coef``, ``aux_coef``) so one program can sweep them.
+    """
+    pre = pre_acts(params, x)
+    sparsity = jnp.zeros((), x.dtype)
+    aux = jnp.zeros((), x.dtype)
+    min_kept = jnp.zeros((), x.dtype)
+    if cfg.arch == "topk" and cfg.kernel == "sparse":
+        from saejax import kernels
+
+        vals, idx = topk_select(pre, cfg.k)
+        x_hat = kernels.sparse_decode(vals, idx, params["W_dec"]) + params["b_dec"]
+        z = None
+        fired = jnp.zeros(cfg.d_sae, bool).at[idx.reshape(-1)].max((vals > 0).reshape(-1))
+        l0 = jnp.mean(jnp.sum(vals > 0, axis=1))
+    else:
+        if cfg.arch == "topk":
+            z = scatter_latents(*topk_select(pre, cfg.k), cfg.d_sae)
+        elif cfg.arch == "batchtopk":
+            z = batchtopk_latents(pre, cfg.k)
+            min_kept = jnp.min(jnp.where(z > 0, z, jnp.inf))
+        elif cfg.arch == "relu":
+            z = jax.nn.relu(pre)
+            norms = jnp.linalg.norm(params["W_dec"], axis=1)
+            sparsity = ramp * hp["l1_coef"] * jnp.mean(z @ norms)
+        else:
+            thr = jnp.exp(params["log_threshold"])
+            z = jumprelu(pre, thr, cfg.jump_bandwidth)
+            l0_ste = heaviside_ste(pre, thr, cfg.jump_bandwidth)
+            sparsity = ramp * hp["l0_coef"] * jnp.mean(jnp.sum(l0_ste, axis=1))
+        x_hat = decode(params, z)
+        fired = jnp.any(z > 0, axis=0)
+        l0 = jnp.mean(jnp.sum(z > 0, axis=1))
+    err = x_hat - x
+    recon = jnp.mean(jnp.sum(err**2, axis=1))
+    total_var = jnp.sum((x - x.mean(0)) ** 2)
+    if cfg.n_aux > 0:
+        aux = auxk_loss(cfg, params, pre, jax.lax.stop_gradient(-err), dead)
+    out = recon + sparsity + hp["aux_coef"] * aux
+    metrics = {
+        "loss": out,
+        "mse": jnp.mean(err**2),
+        "fvu": jnp.sum(err**2) / jnp.maximum(total_var, 1e-12),
+        "l0": l0,
+        "aux": aux,
+        "sparsity": sparsity,
+    }
+    return out, (metrics, fired, min_kept)
+
+
+def auxk_loss(cfg: SAEConfig, params: dict, pre: jax.Array, resid: jax.Array, dead: jax.Array) -> jax.Array:
+    """AuxK: reconstruct ``resid`` from the top-``n_aux`` dead latents (0 when none are dead)."""
+    n_dead = jnp.sum(dead)
+    masked = jnp.where(dead, pre, -jnp.inf)
+    vals, idx = jax.lax.top_k(masked, cfg.n_aux)
+    vals = jnp.where(jnp.isfinite(vals), jax.nn.relu(vals), 0.0)
+    e_hat = scatter_latents(vals, idx, cfg.d_sae) @ params["W_dec"]
+    num = jnp.sum((e_hat - resid) ** 2)
+    den = jnp.maximum(jnp.sum((resid - resid.mean(0)) ** 2), 1e-12)
+    # Scale down while fewer latents are dead than n_aux (sparsify); exactly 0 when none are.
+    scale = jnp.minimum(n_dead / cfg.n_aux, 1.0)
+    return jnp.where(n_dead > 0, scale * num / den, 0.0)
+
+
+def uses_topk(cfg: SAEConfig) -> bool:
+    return cfg.arch in TOPK_FAMILY

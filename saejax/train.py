@@ -1,0 +1,338 @@
+"""The multi-seed trainer: one compiled program trains every seed (and swept float) at once.
+
+``jit(vmap(scan(step)))``: ``vmap`` over *members* (seed x swept-hyper-parameter combinations),
+``lax.scan`` over the steps of a chunk. Between chunks the host prepares the next batches while
+the device runs (JAX dispatch is asynchronous) and a progress bar updates; every chunk has the
+same shapes, so the program is traced once (the last chunk masks its surplus steps).
+
+Seed ``s``'s parameter key is ``fold_in(PRNGKey(root_seed), s)``: adding seeds never changes the
+existing ones, and a seed trained in an ensemble equals the same seed trained alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import lru_cache, partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from saejax import sae
+from saejax.config import SAEConfig, TrainConfig, closest
+from saejax.data import Source
+from saejax.errors import ConfigError, check
+
+SWEEPABLE = ("lr", "l1_coef", "l0_coef", "aux_coef")
+METRICS = ("loss", "mse", "fvu", "l0", "aux", "sparsity", "dead_frac", "dec_norm_err")
+TRACES: Counter = Counter()  # how often each chunk program was traced (tests assert on it)
+
+
+@struct.dataclass
+class TrainState:
+    params: dict
+    opt: optax.OptState
+    step: jax.Array  # int32 scalar: steps taken
+    since_fired: jax.Array  # [d_sae] int32: tokens since each latent last fired (capped)
+    threshold: jax.Array  # BatchTopK inference threshold (EMA of the smallest kept value)
+    ok: jax.Array  # bool: no non-finite loss so far; a failed member is frozen
+    bad_step: jax.Array  # int32: first step whose loss was not finite, -1 if none
+
+
+@dataclass
+class TrainResult:
+    """Stacked parameters (leading member axis), metric history and the bookkeeping to read them.
+
+    Members are ordered hyper-parameter-major: member ``h * len(seeds) + i`` is seed ``seeds[i]``
+    with the ``h``-th swept combination ``sweep_points[h]``.
+    """
+
+    sae_cfg: SAEConfig
+    train_cfg: TrainConfig
+    seeds: tuple[int, ...]
+    sweep_points: tuple[dict, ...]
+    params: dict  # leaves [M, ...], in normalised units
+    scale: float  # input normaliser c (see sae.fold_scale)
+    threshold: np.ndarray  # [M] BatchTopK threshold
+    since_fired: np.ndarray  # [M, d_sae]
+    history: dict  # name -> [M, n_logs]
+    log_steps: np.ndarray  # [n_logs] step at the end of each window
+    failed: dict = field(default_factory=dict)  # member -> first bad step
+    seconds: float = 0.0
+
+    @property
+    def n_members(self) -> int:
+        return len(self.seeds) * len(self.sweep_points)
+
+    def select(self, h: int) -> "TrainResult":
+        """The seeds of swept combination ``h`` only (leading axis = seeds)."""
+        s = len(self.seeds)
+        sl = slice(h * s, (h + 1) * s)
+        return TrainResult(
+            self.sae_cfg, self.train_cfg, self.seeds, (self.sweep_points[h],),
+            jax.tree.map(lambda a: a[sl], self.params), self.scale, self.threshold[sl],
+            self.since_fired[sl], {k: v[sl] for k, v in self.history.items()}, self.log_steps,
+            {m - h * s: st for m, st in self.failed.items() if h * s <= m < (h + 1) * s}, self.seconds)
+
+    def raw_params(self) -> dict:
+        """Parameters in the units of the original activations (scale folded in)."""
+        return sae.fold_scale(self.params, self.scale)
+
+    def decoders(self) -> np.ndarray:
+        """``[M, d_sae, d_in]`` decoder rows (directions are scale-invariant)."""
+        return np.asarray(self.params["W_dec"])
+
+    def encoders(self) -> np.ndarray:
+        """``[M, d_sae, d_in]`` encoder columns as rows."""
+        return np.asarray(self.params["W_enc"]).transpose(0, 2, 1)
+
+
+# ----------------------------------------------------------------------------- one step
+def lr_schedule(tc: TrainConfig, total: int, step: jax.Array) -> jax.Array:
+    """Multiplier of the peak learning rate at ``step`` (0-based)."""
+    t = step.astype(jnp.float32)
+    warm = jnp.minimum(1.0, (t + 1) / tc.warmup_steps) if tc.warmup_steps else 1.0
+    span = max(total - tc.warmup_steps, 1)
+    frac = jnp.clip((t - tc.warmup_steps) / span, 0.0, 1.0)
+    decay = {"constant": 1.0, "linear": 1.0 - frac, "cosine": 0.5 * (1 + jnp.cos(jnp.pi * frac))}[tc.decay]
+    return warm * decay
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    """Adam without the learning rate (it is a traced, sweepable float applied in the step)."""
+    parts = [optax.clip_by_global_norm(tc.grad_clip)] if tc.grad_clip else []
+    return optax.chain(*parts, optax.scale_by_adam(b1=tc.b1, b2=tc.b2, eps=tc.eps))
+
+
+def _unit_rows(w):
+    return w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), 1e-12)
+
+
+def init_state(sae_cfg: SAEConfig, tc: TrainConfig, key: jax.Array, b_dec: jax.Array) -> TrainState:
+    params = sae.init(sae_cfg, key, b_dec)
+    return TrainState(params=params, opt=make_optimizer(tc).init(params), step=jnp.zeros((), jnp.int32),
+                      since_fired=jnp.zeros(sae_cfg.d_sae, jnp.int32), threshold=jnp.full((), -1.0, jnp.float32),
+                      ok=jnp.ones((), bool), bad_step=jnp.full((), -1, jnp.int32))
+
+
+def train_step(sae_cfg: SAEConfig, tc: TrainConfig, total: int, state: TrainState, x: jax.Array,
+               active: jax.Array, hp: dict, scale: jax.Array):
+    """One Adam step for one member. ``active`` False (padding past the last step) changes nothing."""
+    x = x * scale
+    ramp = jnp.minimum(1.0, (state.step + 1) / tc.sparsity_warmup_steps) if tc.sparsity_warmup_steps else 1.0
+    dead = state.since_fired >= sae_cfg.dead_tokens
+    grad_fn = jax.value_and_grad(partial(sae.loss, sae_cfg), has_aux=True)
+    (loss, (metrics, fired, min_kept)), grads = grad_fn(state.params, x, hp, dead, ramp)
+    if sae_cfg.unit_norm_decoder:  # only the tangential part of the gradient moves a unit row
+        w = state.params["W_dec"]
+        g = grads["W_dec"]
+        grads = {**grads, "W_dec": g - jnp.sum(g * w, axis=1, keepdims=True) * w}
+    updates, opt = make_optimizer(tc).update(grads, state.opt, state.params)
+    lr = hp["lr"] * lr_schedule(tc, total, state.step)
+    params = optax.apply_updates(state.params, jax.tree.map(lambda u: -lr * u, updates))
+    if sae_cfg.unit_norm_decoder:
+        params = {**params, "W_dec": _unit_rows(params["W_dec"])}
+    since = jnp.where(fired, 0, jnp.minimum(state.since_fired + x.shape[0], sae_cfg.dead_tokens))
+    threshold = state.threshold
+    if sae_cfg.arch == "batchtopk":
+        threshold = jnp.where(threshold < 0, min_kept, 0.99 * threshold + 0.01 * min_kept)
+    finite = jnp.isfinite(loss)
+    take = active & state.ok & finite
+    new = TrainState(params=params, opt=opt, step=state.step + 1, since_fired=since, threshold=threshold,
+                     ok=state.ok & (finite | ~active),
+                     bad_step=jnp.where(state.ok & active & ~finite, state.step, state.bad_step))
+    kept = jax.tree.map(lambda a, b: jnp.where(take, a, b), new, state)
+    kept = kept.replace(ok=new.ok, bad_step=new.bad_step)
+    metrics = dict(metrics, dead_frac=jnp.mean(kept.since_fired >= sae_cfg.dead_tokens),
+                   dec_norm_err=jnp.max(jnp.abs(jnp.linalg.norm(kept.params["W_dec"], axis=1) - 1.0)))
+    return kept, metrics
+
+
+@lru_cache(maxsize=32)
+def chunk_program(sae_cfg: SAEConfig, tc: TrainConfig, total: int, shared_data: bool):
+    """``jit(vmap(scan(train_step)))`` for a chunk; cached so equal configs compile once."""
+
+    def member(state, xs, actives, hp, scale):
+        TRACES[(sae_cfg, tc, total, shared_data)] += 1  # runs only while tracing
+
+        def body(st, inp):
+            return train_step(sae_cfg, tc, total, st, inp[0], inp[1], hp, scale)
+
+        state, m = jax.lax.scan(body, state, (xs, actives))
+        w = actives.reshape(-1, tc.log_every).astype(jnp.float32)  # window means over active steps
+        m = {k: jnp.sum(v.reshape(w.shape) * w, 1) / jnp.maximum(w.sum(1), 1) for k, v in m.items()}
+        return state, m
+
+    data_axis = None if shared_data else 0
+    return jax.jit(jax.vmap(member, in_axes=(0, data_axis, None, 0, None)), donate_argnums=(0,))
+
+
+# ----------------------------------------------------------------------------- driver
+def sweep_grid(sae_cfg: SAEConfig, tc: TrainConfig, sweep: dict | None) -> tuple[dict, ...]:
+    """Cartesian product of swept floats; unswept ones take the configs' values."""
+    sweep = dict(sweep or {})
+    for name, vals in sweep.items():
+        check(name in SWEEPABLE, f"cannot sweep {name!r} inside one program; sweepable floats: {SWEEPABLE}{closest(name, SWEEPABLE)}")
+        check(len(vals) > 0, f"sweep of {name!r} is empty")
+    base = {"lr": tc.lr, "l1_coef": sae_cfg.l1_coef, "l0_coef": sae_cfg.l0_coef, "aux_coef": sae_cfg.aux_coef}
+    names = list(sweep)
+    return tuple({**base, **dict(zip(names, combo))} for combo in itertools.product(*(sweep[n] for n in names)))
+
+
+def _check_seeds(seeds) -> tuple[int, ...]:
+    seeds = tuple(seeds)
+    check(len(seeds) > 0, "seed list is empty; give at least one integer seed")
+    for s in seeds:
+        check(isinstance(s, (int, np.integer)) and not isinstance(s, bool), f"seeds must be integers, got {s!r}")
+    dup = [s for s, n in Counter(seeds).items() if n > 1]
+    check(not dup, f"duplicate seeds {dup}: each seed must appear once")
+    return tuple(int(s) for s in seeds)
+
+
+def _init_sample(source: Source, tc: TrainConfig) -> np.ndarray:
+    it = source.batches(min(tc.init_tokens, source.n_tokens or tc.init_tokens), seed=tc.data_seed)
+    return np.asarray(next(it), np.float32)
+
+
+def _fill(its, chunk: int, bs: int, d: int, remaining: int) -> tuple[np.ndarray, np.ndarray]:
+    """Next chunk of batches ``[len(its), chunk, B, d]`` and the mask of real (non-padding) steps."""
+    n = min(chunk, remaining)
+    xs = np.zeros((len(its), chunk, bs, d), np.float32)
+    for i, it in enumerate(its):
+        for t in range(n):
+            xs[i, t] = next(it)
+    if not np.isfinite(xs).all():
+        raise ConfigError(f"activation data contains NaN/inf values (in a batch before step {remaining}); clean the source")
+    return xs, np.arange(chunk) < n
+
+
+def train(sae_cfg: SAEConfig, tc: TrainConfig, source: Source, seeds, *, sweep: dict | None = None,
+          progress: bool = True, max_group: int | None = None) -> TrainResult:
+    """Train one SAE per (seed, swept combination) on ``source``, all in one compiled program.
+
+    Args:
+      sae_cfg, tc: the SAE and training configuration.
+      source: an activation source (:mod:`saejax.data`); its ``d_in`` must equal ``sae_cfg.d_in``.
+      seeds: distinct integer seeds; seed ``s`` initialises from ``fold_in(PRNGKey(tc.root_seed), s)``.
+      sweep: optional ``{name: [values]}`` of floats in :data:`SWEEPABLE`, vmapped as a second axis.
+      max_group: train at most this many members per compiled call (same results, less memory).
+    """
+    seeds = _check_seeds(seeds)
+    check(source.d_in == sae_cfg.d_in, f"activations have d_in={source.d_in} but the SAE config says d_in={sae_cfg.d_in}")
+    points = sweep_grid(sae_cfg, tc, sweep)
+    total = tc.total_steps(source.n_tokens)
+    sample = _init_sample(source, tc)
+    scale = sae.input_scale(sae_cfg, sample)
+    b_dec = sae.b_dec_init(sae_cfg, sample * scale)
+    members = [(h, s) for h in range(len(points)) for s in seeds]
+    group = max_group or len(members)
+    check(group > 0, f"max_group must be positive, got {max_group!r}")
+    t0 = time.perf_counter()
+    parts = [_train_group(sae_cfg, tc, source, members[i:i + group], points, total, scale, b_dec, progress)
+             for i in range(0, len(members), group)]
+    state = jax.tree.map(lambda *a: np.concatenate(a), *[p[0] for p in parts])
+    history = {k: np.concatenate([p[1][k] for p in parts]) for k in METRICS}
+    log_steps = parts[0][2]
+    bad = np.asarray(state.bad_step)
+    failed = {int(m): int(bad[m]) for m in np.flatnonzero(bad >= 0)}
+    for m, st in failed.items():
+        h, s = members[m]
+        print(f"warning: seed {s} (sweep point {h}: {points[h]}) hit a non-finite loss at step {st}; "
+              "its parameters are frozen at the last finite step, other seeds are unaffected")
+    return TrainResult(sae_cfg, tc, seeds, points, state.params, scale, np.asarray(state.threshold),
+                       np.asarray(state.since_fired), history, log_steps, failed, time.perf_counter() - t0)
+
+
+def _train_group(sae_cfg, tc, source, members, points, total, scale, b_dec, progress):
+    keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(tc.root_seed), s) for _, s in members])
+    hp = {k: jnp.asarray([points[h][k] for h, _ in members], jnp.float32) for k in points[0]}
+    state = jax.vmap(partial(init_state, sae_cfg, tc), in_axes=(0, None))(keys, jnp.asarray(b_dec))
+    bs, d = tc.batch_size, sae_cfg.d_in
+    order_seeds = sorted({s for _, s in members})
+    shared = tc.same_data_order
+    per_chunk_cap = max(1, tc.chunk_bytes // (bs * d * 4 * (1 if shared else len(members))))
+    chunk = max(tc.log_every, min(tc.chunk_steps, per_chunk_cap, math.ceil(total / tc.log_every) * tc.log_every))
+    chunk -= chunk % tc.log_every
+    if shared:
+        its = [source.batches(bs, seed=tc.data_seed)]
+    else:  # each seed its own order; swept copies of a seed share it
+        by_seed = {s: source.batches(bs, seed=own_order_seed(tc.data_seed, s)) for s in order_seeds}
+        its = [by_seed[s] for _, s in members]
+    program = chunk_program(sae_cfg, tc, total, shared)
+    bar = _progress(total, progress, len(members), bs)
+    logs, done = [], 0
+    xs, act = _fill(its, chunk, bs, d, total)
+    while done < total:
+        state, m = program(state, xs[0] if shared else xs, act, hp, jnp.float32(scale))
+        done += int(act.sum())
+        if done < total:  # prepare the next chunk while the device works
+            xs, act = _fill(its, chunk, bs, d, total - done)
+        m = jax.device_get(m)
+        logs.append(m)
+        if bar is not None:
+            bar.update(int(act.sum()) if done >= total else chunk)
+            bar.set_postfix(loss=f"{np.nanmean(m['loss'][:, -1]):.4g}", l0=f"{np.nanmean(m['l0'][:, -1]):.1f}")
+    if bar is not None:
+        bar.close()
+    history = {k: np.concatenate([lg[k] for lg in logs], axis=1) for k in METRICS}
+    log_steps = np.minimum(np.arange(1, history["loss"].shape[1] + 1) * tc.log_every, total)
+    keep = np.concatenate([[True], log_steps[1:] > log_steps[:-1]])  # drop all-padding windows
+    return jax.device_get(state), {k: v[:, keep] for k, v in history.items()}, log_steps[keep]
+
+
+def own_order_seed(data_seed: int, seed: int) -> int:
+    """Data-order seed of ``seed`` when seeds do not share one order (stable across machines)."""
+    return int(np.random.SeedSequence([data_seed, seed]).generate_state(1)[0])
+
+
+def _progress(total: int, enabled: bool, n_members: int, bs: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="step", desc=f"{n_members} SAEs x {bs} tok", leave=False,
+                unit_scale=False, dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------- evaluation
+@partial(jax.jit, static_argnums=0)
+def _eval_member(sae_cfg: SAEConfig, params, threshold, x):
+    thr = threshold if sae_cfg.arch == "batchtopk" else None
+    z = sae.encode(sae_cfg, params, x, thr)
+    err = sae.decode(params, z) - x
+    return z, {"mse": jnp.mean(err**2), "fvu": jnp.sum(err**2) / jnp.sum((x - x.mean(0)) ** 2),
+               "l0": jnp.mean(jnp.sum(z > 0, axis=1)), "fired": jnp.any(z > 0, axis=0)}
+
+
+def evaluate(result: TrainResult, x: np.ndarray, *, batch: int = 4096, keep_latents: bool = False) -> dict:
+    """Held-out metrics per member: ``mse`` (per element, normalised units), ``fvu``, ``ev``,
+    ``l0``, ``alive`` (``[M, d_sae]``: fired at least once on ``x``), ``dead_frac``, and with
+    ``keep_latents`` the latents ``[M, n, d_sae]``."""
+    x = np.asarray(x, np.float32) * result.scale
+    check(x.ndim == 2 and x.shape[1] == result.sae_cfg.d_in, f"held-out data must be [n, {result.sae_cfg.d_in}], got {x.shape}")
+    fn = jax.vmap(partial(_eval_member, result.sae_cfg), in_axes=(0, 0, None))
+    sse = np.zeros(result.n_members)
+    l0 = np.zeros(result.n_members)
+    alive = np.zeros((result.n_members, result.sae_cfg.d_sae), bool)
+    lat = []
+    for i in range(0, len(x), batch):
+        xb = x[i:i + batch]
+        z, m = jax.device_get(fn(result.params, jnp.asarray(result.threshold), jnp.asarray(xb)))
+        sse += m["mse"] * xb.size
+        l0 += m["l0"] * len(xb)
+        alive |= m["fired"]
+        if keep_latents:
+            lat.append(z)
+    var = np.sum((x - x.mean(0)) ** 2)
+    out = {"mse": sse / x.size, "fvu": sse / var, "l0": l0 / len(x), "alive": alive,
+           "dead_frac": 1.0 - alive.mean(1)}
+    out["ev"] = 1.0 - out["fvu"]
+    if keep_latents:
+        out["latents"] = np.concatenate(lat, axis=1)
+    return out
