@@ -213,7 +213,8 @@ def _fill(its, chunk: int, bs: int, d: int, remaining: int) -> tuple[np.ndarray,
 
 
 def train(sae_cfg: SAEConfig, tc: TrainConfig, source: Source, seeds, *, sweep: dict | None = None,
-          progress: bool = True, max_group: int | None = None) -> TrainResult:
+          progress: bool = True, max_group: int | None = None, stops=(), on_stop=None,
+          checkpoint=None) -> TrainResult:
     """Train one SAE per (seed, swept combination) on ``source``, all in one compiled program.
 
     Args:
@@ -222,6 +223,10 @@ def train(sae_cfg: SAEConfig, tc: TrainConfig, source: Source, seeds, *, sweep: 
       seeds: distinct integer seeds; seed ``s`` initialises from ``fold_in(PRNGKey(tc.root_seed), s)``.
       sweep: optional ``{name: [values]}`` of floats in :data:`SWEEPABLE`, vmapped as a second axis.
       max_group: train at most this many members per compiled call (same results, less memory).
+      stops: steps at which ``on_stop(group, step, state)`` sees the host copy of the state of
+        that group of members (exactly at that step; 0 = before training), e.g. for stability
+        snapshots during training.
+      checkpoint: a :class:`saejax.checkpoint.Checkpointer`; a killed run resumes from its last save.
     """
     seeds = _check_seeds(seeds)
     check(source.d_in == sae_cfg.d_in, f"activations have d_in={source.d_in} but the SAE config says d_in={sae_cfg.d_in}")
@@ -234,7 +239,8 @@ def train(sae_cfg: SAEConfig, tc: TrainConfig, source: Source, seeds, *, sweep: 
     group = max_group or len(members)
     check(group > 0, f"max_group must be positive, got {max_group!r}")
     t0 = time.perf_counter()
-    parts = [_train_group(sae_cfg, tc, source, members[i:i + group], points, total, scale, b_dec, progress)
+    parts = [_train_group(sae_cfg, tc, source, members[i:i + group], points, total, scale, b_dec, progress,
+                          i // group, stops, on_stop, checkpoint)
              for i in range(0, len(members), group)]
     state = jax.tree.map(lambda *a: np.concatenate(a), *[p[0] for p in parts])
     history = {k: np.concatenate([p[1][k] for p in parts]) for k in METRICS}
@@ -249,7 +255,8 @@ def train(sae_cfg: SAEConfig, tc: TrainConfig, source: Source, seeds, *, sweep: 
                        np.asarray(state.since_fired), history, log_steps, failed, time.perf_counter() - t0)
 
 
-def _train_group(sae_cfg, tc, source, members, points, total, scale, b_dec, progress):
+def _train_group(sae_cfg, tc, source, members, points, total, scale, b_dec, progress, group=0,
+                 stops=(), on_stop=None, checkpoint=None):
     keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(tc.root_seed), s) for _, s in members])
     hp = {k: jnp.asarray([points[h][k] for h, _ in members], jnp.float32) for k in points[0]}
     state = jax.vmap(partial(init_state, sae_cfg, tc), in_axes=(0, None))(keys, jnp.asarray(b_dec))
@@ -264,26 +271,42 @@ def _train_group(sae_cfg, tc, source, members, points, total, scale, b_dec, prog
     else:  # each seed its own order; swept copies of a seed share it
         by_seed = {s: source.batches(bs, seed=own_order_seed(tc.data_seed, s)) for s in order_seeds}
         its = [by_seed[s] for _, s in members]
+    history = {k: np.zeros((len(members), 0), np.float32) for k in METRICS}
+    log_steps, done = np.zeros(0, np.int64), 0
+    if checkpoint is not None and (saved := checkpoint.restore(group, state)) is not None:
+        done, state, history, log_steps = saved
+        for it in its:  # the data order is deterministic: skip what was already trained on
+            for _ in range(done):
+                next(it)
+    stops = sorted({int(s) for s in stops if done <= s <= total} | {total})
+    if stops[0] == 0 and done == 0 and on_stop is not None:
+        on_stop(group, 0, jax.device_get(state))
     program = chunk_program(sae_cfg, tc, total, shared)
-    bar = _progress(total, progress, len(members), bs)
-    logs, done = [], 0
-    xs, act = _fill(its, chunk, bs, d, total)
+    bar = _progress(total, progress, len(members), bs, done)
+    last_ckpt = done
+    xs, act = _fill(its, chunk, bs, d, next(s for s in stops if s > done) - done) if done < total else (None, None)
     while done < total:
         state, m = program(state, xs[0] if shared else xs, act, hp, jnp.float32(scale))
-        done += int(act.sum())
+        n = int(act.sum())
+        ends = done + np.minimum(np.arange(1, chunk // tc.log_every + 1) * tc.log_every, n)
+        real = np.concatenate([[True], ends[1:] > ends[:-1]])
+        done += n
         if done < total:  # prepare the next chunk while the device works
-            xs, act = _fill(its, chunk, bs, d, total - done)
+            xs, act = _fill(its, chunk, bs, d, next(s for s in stops if s > done) - done)
         m = jax.device_get(m)
-        logs.append(m)
+        history = {k: np.concatenate([history[k], m[k][:, real]], axis=1) for k in METRICS}
+        log_steps = np.concatenate([log_steps, ends[real]])
+        if on_stop is not None and done in stops:
+            on_stop(group, done, jax.device_get(state))
+        if checkpoint is not None and done < total and done - last_ckpt >= checkpoint.every:
+            checkpoint.save(group, done, state, history, log_steps)
+            last_ckpt = done
         if bar is not None:
-            bar.update(int(act.sum()) if done >= total else chunk)
-            bar.set_postfix(loss=f"{np.nanmean(m['loss'][:, -1]):.4g}", l0=f"{np.nanmean(m['l0'][:, -1]):.1f}")
+            bar.update(n)
+            bar.set_postfix(loss=f"{np.nanmean(m['loss'][:, real][:, -1]):.4g}", l0=f"{np.nanmean(m['l0'][:, real][:, -1]):.1f}")
     if bar is not None:
         bar.close()
-    history = {k: np.concatenate([lg[k] for lg in logs], axis=1) for k in METRICS}
-    log_steps = np.minimum(np.arange(1, history["loss"].shape[1] + 1) * tc.log_every, total)
-    keep = np.concatenate([[True], log_steps[1:] > log_steps[:-1]])  # drop all-padding windows
-    return jax.device_get(state), {k: v[:, keep] for k, v in history.items()}, log_steps[keep]
+    return jax.device_get(state), history, log_steps
 
 
 def own_order_seed(data_seed: int, seed: int) -> int:
@@ -291,12 +314,12 @@ def own_order_seed(data_seed: int, seed: int) -> int:
     return int(np.random.SeedSequence([data_seed, seed]).generate_state(1)[0])
 
 
-def _progress(total: int, enabled: bool, n_members: int, bs: int):
+def _progress(total: int, enabled: bool, n_members: int, bs: int, done: int = 0):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="step", desc=f"{n_members} SAEs x {bs} tok", leave=False,
+    return tqdm(total=total, initial=done, unit="step", desc=f"{n_members} SAEs x {bs} tok", leave=False,
                 unit_scale=False, dynamic_ncols=True)
 
 

@@ -1,0 +1,59 @@
+"""Mid-training checkpoints with Orbax, so a killed run resumes where it stopped.
+
+Orbax writes each checkpoint into a temporary directory and renames it when complete, so a kill
+during a save leaves the previous checkpoint as the latest valid one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+
+
+class Checkpointer:
+    """Saves ``(step, state, history, log_steps)`` per member group every ``every`` steps."""
+
+    def __init__(self, directory: str | Path, every: int):
+        self.directory = Path(directory).absolute()
+        self.every = int(every)
+        self._managers = {}
+
+    def _manager(self, group: int):
+        import orbax.checkpoint as ocp
+
+        if group not in self._managers:
+            opts = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False)
+            self._managers[group] = ocp.CheckpointManager(self.directory / f"group{group}", options=opts)
+        return self._managers[group]
+
+    def save(self, group: int, step: int, state, history: dict, log_steps: np.ndarray) -> None:
+        import orbax.checkpoint as ocp
+
+        logs = {"history": history, "log_steps": np.asarray(log_steps)}
+        mngr = self._manager(group)
+        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                logs=ocp.args.StandardSave(logs)))
+        mngr.wait_until_finished()
+
+    def restore(self, group: int, like_state):
+        """``(step, state, history, log_steps)`` of the latest save, or None."""
+        import orbax.checkpoint as ocp
+
+        if not (self.directory / f"group{group}").exists():
+            return None
+        mngr = self._manager(group)
+        step = mngr.latest_step()
+        if step is None:
+            return None
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), like_state)
+        out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                         logs=ocp.args.StandardRestore()))
+        logs = jax.tree.map(np.asarray, out["logs"])
+        return int(step), out["state"], logs["history"], logs["log_steps"]
+
+    def close(self) -> None:
+        for m in self._managers.values():
+            m.close()
+        self._managers.clear()
