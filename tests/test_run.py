@@ -1,0 +1,142 @@
+"""The runner end to end: files, consistency with the stability report, resume after SIGKILL, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "experiments" / "smoke.py")
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
+def run(*args, cwd=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "saejax.run", *args, "--no-progress"], capture_output=True,
+                          text=True, env=ENV, cwd=cwd or ROOT, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    r = run(SMOKE, "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r.stdout
+
+
+def test_smoke_writes_everything_consistently(smoke):
+    out, stdout = smoke
+    summary = json.loads((out / "summary.json").read_text())
+    cells = summary["cells"]
+    assert {c["cell"] for c in cells} == {"topk-w24-k2-len60", "topk-w24-k2-len120",
+                                          "relu-w24-l1_0.003-len60", "relu-w24-l1_0.003-len120"}
+    for c in cells:
+        cdir = out / "cells" / c["cell"]
+        rep = json.loads((cdir / "report.json").read_text())
+        for key in ("pwmcc", "random_pwmcc", "hungarian_mean", "frac_ge_0.7", "gt_mcc"):
+            assert c[key] == pytest.approx(rep["summary"][key], rel=1e-9), key
+        pw = np.array(rep["matrices"]["pwmcc"], dtype=float)
+        iu = np.triu_indices(len(pw), 1)
+        assert c["pwmcc"] == pytest.approx(pw[iu].mean(), rel=1e-6)  # summary = mean over seed pairs
+        assert c["pwmcc_ratio"] == pytest.approx(c["pwmcc"] / c["random_pwmcc"], rel=1e-6)
+        assert 0 <= c["random_pwmcc"] < c["pwmcc"] <= 1  # a planted dictionary: far above chance
+        for seed in (0, 1, 2):
+            assert (cdir / "saes" / f"seed{seed}" / "cfg.json").is_file()
+            assert (cdir / "saes" / f"seed{seed}" / "sae_weights.safetensors").is_file()
+        hist = json.loads((cdir / "history.json").read_text())
+        assert hist["step"][-1] == c["steps"]
+    long = {c["arch"]: c for c in cells if c["steps"] == 120}
+    assert long["topk"]["gt_mcc"] > 0.5 and long["topk"]["l0"] <= 2.0
+    csv_lines = (out / "summary.csv").read_text().splitlines()
+    assert len(csv_lines) == 5 and csv_lines[0].startswith("cell,")
+    for fig in ("heatmap", "matched_hist", "dynamics", "stability_vs_l0", "stability_vs_width", "ev_vs_l0"):
+        assert (out / "figures" / f"{fig}.png").stat().st_size > 1000
+    md = (out / "report.md").read_text()
+    assert "| cell |" in md and "figures/heatmap.png" in md
+    assert "topk-w24-k2-len120" in stdout and "PWMCC" in stdout
+
+
+def test_exported_sae_loads_back_and_matches(smoke):
+    from saejax import sae
+    from saejax.io import load_saelens
+
+    out, _ = smoke
+    cfg, params = load_saelens(out / "cells" / "topk-w24-k2-len120" / "saes" / "seed1")
+    assert cfg.arch == "topk" and cfg.k == 2 and cfg.d_sae == 24
+    x = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
+    z = sae.encode(cfg, params, x)
+    assert np.all(np.sum(np.asarray(z) > 0, 1) <= 2)
+    assert np.asarray(sae.decode(params, z)).shape == (64, 16)
+
+
+def test_rerun_skips_finished_cells(smoke):
+    out, _ = smoke
+    before = (out / "summary.json").read_text()
+    t = time.perf_counter()
+    r = run(SMOKE, "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "summary.json").read_text() == before
+    dry = run(SMOKE, "--out", str(out), "--dry-run")
+    assert dry.returncode == 0 and dry.stdout.count("[done]") == 2, dry.stdout
+
+
+def _kill_when(out: Path, ready, timeout=240):
+    p = subprocess.Popen([sys.executable, "-m", "saejax.run", SMOKE, "--out", str(out), "--no-progress"],
+                         env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while p.poll() is None and time.time() - t0 < timeout:
+        if ready():
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            return True
+        time.sleep(0.02)
+    p.kill()
+    return False
+
+
+@pytest.mark.parametrize("stage", ["training", "writing"])
+def test_sigkill_then_resume_equals_uninterrupted(smoke, tmp_path, stage):
+    ref, _ = smoke
+    out = tmp_path / "killed"
+    if stage == "training":  # a checkpoint exists, the unit is not finished
+        ready = lambda: any(out.glob("units/*/ckpt/group0/*")) and not any(out.glob("units/*/done.json"))  # noqa: E731
+    else:  # a cell's files are being written, the summary is not there yet
+        ready = lambda: any(out.glob("cells/*/saes/seed0/*")) and not any(out.glob("units/*/done.json"))  # noqa: E731
+    assert _kill_when(out, ready), "the run finished before it could be killed"
+    assert not (out / "summary.json").exists()
+    r = run(SMOKE, "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((out / "summary.json").read_text()) == json.loads((ref / "summary.json").read_text())
+    assert not list(out.rglob("*.tmp"))  # no half-written files left under temporary names
+
+
+def _one_line_error(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stdout[-500:], r.stderr[-2000:])
+    err = r.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    for n in needles:
+        assert n in err, err
+
+
+def test_bad_input(tmp_path):
+    _one_line_error(run(str(tmp_path / "nope.py")), "does not exist")
+    empty = tmp_path / "empty.py"
+    empty.write_text("x = 1\n")
+    _one_line_error(run(str(empty)), "neither get_config()")
+    _one_line_error(run(SMOKE, "--set", "archs=('topkk',)", "--dry-run"), "did you mean 'topk'")
+    _one_line_error(run(SMOKE, "--set", "sead=1", "--dry-run"), "unknown key 'sead'", "did you mean 'seeds'")
+    _one_line_error(run(SMOKE, "--set", "train.lrr=1", "--dry-run"), "did you mean 'lr'")
+    _one_line_error(run(SMOKE, "--set", "widths=0", "--dry-run"), "impossible width")
+    _one_line_error(run(SMOKE, "--set", "widths=2", "--dry-run"), "k must satisfy")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    if os.access(ro, os.W_OK):  # root ignores permissions: point below a file instead
+        (tmp_path / "file").write_text("")
+        ro = tmp_path / "file" / "sub"
+    _one_line_error(run(SMOKE, "--out", str(ro / "x")), "not writable")
