@@ -101,10 +101,16 @@ def figures(records: list[dict], out: Path) -> list[tuple[str, Path]]:
     made.append(("Matched cosines, trained vs random", _save(fig, fdir / "matched_hist.png")))
     # stability vs training steps
     fig, ax = plt.subplots(figsize=(5, 3.4))
+    longest = {}  # shorter lengths are prefixes of the same run: plot each run once
     for r in records:
+        key = (r["arch"], r["d_sae"], r["k"], r["sparsity_coef"])
+        if key not in longest or r["steps"] > longest[key]["steps"]:
+            longest[key] = r
+    for r in longest.values():
         dyn = read_json(out / "cells" / r["cell"] / "history.json").get("dynamics") or []
         if dyn:
-            ax.plot([d["step"] for d in dyn], [d["pwmcc"] for d in dyn], marker="o", ms=3, label=r["cell"])
+            label = r["cell"].rsplit("-len", 1)[0]
+            ax.plot([d["step"] for d in dyn], [d["pwmcc"] for d in dyn], marker="o", ms=3, label=label)
     ax.axhline(np.mean([r["random_pwmcc"] for r in records]), color="k", ls=":", lw=1, label="random")
     ax.set_xlabel("training step")
     ax.set_ylabel("PWMCC across seeds")
