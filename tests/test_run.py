@@ -115,28 +115,34 @@ def test_sigkill_then_resume_equals_uninterrupted(smoke, tmp_path, stage):
     assert not list(out.rglob("*.tmp"))  # no half-written files left under temporary names
 
 
-def _one_line_error(r, *needles):
-    assert r.returncode == 2, (r.returncode, r.stdout[-500:], r.stderr[-2000:])
-    err = r.stderr.strip()
+def _one_line_error(argv, capsys, *needles):
+    """Bad input: exit status 2 and one line on stderr (in-process: the same main() as the CLI)."""
+    from saejax.run import main
+
+    code = main([*argv, "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, (code, err)
     assert err.startswith("error: ") and "\n" not in err, err
     for n in needles:
         assert n in err, err
 
 
-def test_bad_input(tmp_path):
-    _one_line_error(run(str(tmp_path / "nope.py")), "does not exist")
+def test_bad_input(tmp_path, capsys):
+    _one_line_error([str(tmp_path / "nope.py")], capsys, "does not exist")
     empty = tmp_path / "empty.py"
     empty.write_text("x = 1\n")
-    _one_line_error(run(str(empty)), "neither get_config()")
-    _one_line_error(run(SMOKE, "--set", "archs=('topkk',)", "--dry-run"), "did you mean 'topk'")
-    _one_line_error(run(SMOKE, "--set", "sead=1", "--dry-run"), "unknown key 'sead'", "did you mean 'seeds'")
-    _one_line_error(run(SMOKE, "--set", "train.lrr=1", "--dry-run"), "did you mean 'lr'")
-    _one_line_error(run(SMOKE, "--set", "widths=0", "--dry-run"), "impossible width")
-    _one_line_error(run(SMOKE, "--set", "widths=2", "--dry-run"), "k must satisfy")
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o500)
-    if os.access(ro, os.W_OK):  # root ignores permissions: point below a file instead
-        (tmp_path / "file").write_text("")
-        ro = tmp_path / "file" / "sub"
-    _one_line_error(run(SMOKE, "--out", str(ro / "x")), "not writable")
+    _one_line_error([str(empty)], capsys, "neither get_config()")
+    _one_line_error([SMOKE, "--set", "archs=('topkk',)", "--dry-run"], capsys, "did you mean 'topk'")
+    _one_line_error([SMOKE, "--set", "sead=1", "--dry-run"], capsys, "unknown key 'sead'", "did you mean 'seeds'")
+    _one_line_error([SMOKE, "--set", "train.lrr=1", "--dry-run"], capsys, "did you mean 'lr'")
+    _one_line_error([SMOKE, "--set", "source.dd=1", "--dry-run"], capsys, "unknown source option 'dd'", "did you mean 'd'")
+    _one_line_error([SMOKE, "--set", "widths=0", "--dry-run"], capsys, "impossible width")
+    _one_line_error([SMOKE, "--set", "widths=2", "--dry-run"], capsys, "k must satisfy")
+    (tmp_path / "file").write_text("")
+    _one_line_error([SMOKE, "--out", str(tmp_path / "file" / "sub")], capsys, "not writable")
+
+
+def test_bad_input_from_the_command_line(tmp_path):
+    r = run(str(tmp_path / "nope.py"))
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: experiment file")
+    assert len(r.stderr.strip().splitlines()) == 1
