@@ -127,6 +127,14 @@ class TrainConfig:
     of data seed ``(data_seed, i)``."""
     init_tokens: int = 16384
     """Tokens sampled to estimate the input scale and the decoder-bias initialisation."""
+    mesh_shape: tuple[int, int] | None = None
+    """Device mesh ``(members, batch)``: seeds x swept floats are sharded over ``members``, each
+    batch over ``batch`` (one entry may be -1: all remaining devices). ``None``: every device,
+    on the member axis, with the spare factor on ``batch`` when there are fewer members than
+    devices (see :func:`saejax.sharding.mesh_shape`)."""
+    compute_dtype: str = "float32"
+    """``float32``, or ``bfloat16`` for activations and matmuls (master weights, gradients, Adam
+    and all stability cosines stay float32). Off by default; pays off on TPUs and recent GPUs."""
 
     def __post_init__(self):
         check(self.batch_size > 0, f"batch_size must be positive, got {self.batch_size!r}")
@@ -137,6 +145,14 @@ class TrainConfig:
         check(self.decay in ("constant", "linear", "cosine"), f"decay must be 'constant', 'linear' or 'cosine', got {self.decay!r}")
         check(self.log_every > 0 and self.chunk_steps > 0, f"log_every and chunk_steps must be positive, got {self.log_every!r}, {self.chunk_steps!r}")
         check(self.warmup_steps >= 0 and self.sparsity_warmup_steps >= 0, "warm-up steps must be >= 0")
+        check(self.compute_dtype in ("float32", "bfloat16"), f"compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
+        if self.mesh_shape is not None:
+            ms = tuple(self.mesh_shape)
+            check(len(ms) == 2 and all(isinstance(v, int) and (v > 0 or v == -1) for v in ms) and ms != (-1, -1),
+                  f"mesh_shape must be (members, batch) positive integers (one may be -1), got {self.mesh_shape!r}")
+            check(ms[1] == -1 or self.batch_size % ms[1] == 0,
+                  f"batch_size={self.batch_size} must be divisible by the mesh's batch axis, got mesh_shape={self.mesh_shape!r}")
+            object.__setattr__(self, "mesh_shape", ms)  # a list from an experiment file stays hashable
 
     def total_steps(self, n_tokens: int | None) -> int:
         if self.steps is not None:

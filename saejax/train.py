@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from saejax import sae
+from saejax import sae, sharding
 from saejax.config import SAEConfig, TrainConfig, closest
 from saejax.data import Source
 from saejax.errors import ConfigError, check
@@ -127,7 +127,7 @@ def train_step(sae_cfg: SAEConfig, tc: TrainConfig, total: int, state: TrainStat
     x = x * scale
     ramp = jnp.minimum(1.0, (state.step + 1) / tc.sparsity_warmup_steps) if tc.sparsity_warmup_steps else 1.0
     dead = state.since_fired >= sae_cfg.dead_tokens
-    grad_fn = jax.value_and_grad(partial(sae.loss, sae_cfg), has_aux=True)
+    grad_fn = jax.value_and_grad(sharding.in_compute_dtype(partial(sae.loss, sae_cfg), tc.compute_dtype), has_aux=True)
     (loss, (metrics, fired, min_kept)), grads = grad_fn(state.params, x, hp, dead, ramp)
     if sae_cfg.unit_norm_decoder:  # only the tangential part of the gradient moves a unit row
         w = state.params["W_dec"]
@@ -214,7 +214,7 @@ def _fill(its, chunk: int, bs: int, d: int, remaining: int) -> tuple[np.ndarray,
 
 def train(sae_cfg: SAEConfig, tc: TrainConfig, source: Source, seeds, *, sweep: dict | None = None,
           progress: bool = True, max_group: int | None = None, stops=(), on_stop=None,
-          checkpoint=None) -> TrainResult:
+          checkpoint=None, mesh=None) -> TrainResult:
     """Train one SAE per (seed, swept combination) on ``source``, all in one compiled program.
 
     Args:
@@ -227,6 +227,9 @@ def train(sae_cfg: SAEConfig, tc: TrainConfig, source: Source, seeds, *, sweep: 
         that group of members (exactly at that step; 0 = before training), e.g. for stability
         snapshots during training.
       checkpoint: a :class:`saejax.checkpoint.Checkpointer`; a killed run resumes from its last save.
+      mesh: a ``('members', 'batch')`` device mesh (:func:`saejax.sharding.make_mesh`) over which
+        members and batches are sharded; ``None`` builds one per group from every device and
+        ``tc.mesh_shape``. Results do not depend on it.
     """
     seeds = _check_seeds(seeds)
     check(source.d_in == sae_cfg.d_in, f"activations have d_in={source.d_in} but the SAE config says d_in={sae_cfg.d_in}")
@@ -240,7 +243,7 @@ def train(sae_cfg: SAEConfig, tc: TrainConfig, source: Source, seeds, *, sweep: 
     check(group > 0, f"max_group must be positive, got {max_group!r}")
     t0 = time.perf_counter()
     parts = [_train_group(sae_cfg, tc, source, members[i:i + group], points, total, scale, b_dec, progress,
-                          i // group, stops, on_stop, checkpoint)
+                          i // group, stops, on_stop, checkpoint, mesh)
              for i in range(0, len(members), group)]
     state = jax.tree.map(lambda *a: np.concatenate(a), *[p[0] for p in parts])
     history = {k: np.concatenate([p[1][k] for p in parts]) for k in METRICS}
@@ -256,13 +259,35 @@ def train(sae_cfg: SAEConfig, tc: TrainConfig, source: Source, seeds, *, sweep: 
 
 
 def _train_group(sae_cfg, tc, source, members, points, total, scale, b_dec, progress, group=0,
-                 stops=(), on_stop=None, checkpoint=None):
+                 stops=(), on_stop=None, checkpoint=None, mesh=None):
+    # Members are padded to a multiple of the mesh's member axis (copies of the last one) and
+    # trimmed whenever state or metrics leave the device, so callbacks and checkpoints never see
+    # the padding and a checkpoint resumes on any mesh.
+    n = len(members)
+    mesh = mesh if mesh is not None else sharding.make_mesh(n, tc.batch_size, tc.mesh_shape)
+    n_pad = sharding.padded_size(n, mesh)
+    on_members = sharding.members_spec(mesh)
+    rep = sharding.replicated(mesh)
     keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(tc.root_seed), s) for _, s in members])
     hp = {k: jnp.asarray([points[h][k] for h, _ in members], jnp.float32) for k in points[0]}
-    state = jax.vmap(partial(init_state, sae_cfg, tc), in_axes=(0, None))(keys, jnp.asarray(b_dec))
+    keys, hp = sharding.pad_members((keys, hp), n_pad)
+    hp = sharding.put_tree(hp, on_members)
+    init = jax.jit(jax.vmap(partial(init_state, sae_cfg, tc), in_axes=(0, None)), out_shardings=on_members)
+    state = init(sharding.put(keys, rep), sharding.put(np.asarray(b_dec, np.float32), rep))
+
+    def to_host(tree):
+        return sharding.trim_members(sharding.to_host(tree), n)
+
     bs, d = tc.batch_size, sae_cfg.d_in
     order_seeds = sorted({s for _, s in members})
     shared = tc.same_data_order
+    low = sharding.compute_dtype(tc.compute_dtype)
+    x_spec = sharding.data_spec(mesh, 3, 1) if shared else sharding.members_spec(mesh, 4, 2)
+
+    def put_x(xs):  # bf16 activations travel and live on the device as bf16
+        xs = xs[0] if shared else sharding.pad_members(xs, n_pad)
+        return sharding.put(xs.astype(low) if low != jnp.float32 else xs, x_spec)
+
     per_chunk_cap = max(1, tc.chunk_bytes // (bs * d * 4 * (1 if shared else len(members))))
     chunk = max(tc.log_every, min(tc.chunk_steps, per_chunk_cap, math.ceil(total / tc.log_every) * tc.log_every))
     chunk -= chunk % tc.log_every
@@ -273,40 +298,43 @@ def _train_group(sae_cfg, tc, source, members, points, total, scale, b_dec, prog
         its = [by_seed[s] for _, s in members]
     history = {k: np.zeros((len(members), 0), np.float32) for k in METRICS}
     log_steps, done = np.zeros(0, np.int64), 0
-    if checkpoint is not None and (saved := checkpoint.restore(group, state)) is not None:
+    like = jax.tree.map(lambda a: jax.ShapeDtypeStruct((n, *a.shape[1:]), a.dtype), state)
+    if checkpoint is not None and (saved := checkpoint.restore(group, like)) is not None:
         done, state, history, log_steps = saved
+        state = sharding.put_tree(sharding.pad_members(sharding.to_host(state), n_pad), on_members)
         for it in its:  # the data order is deterministic: skip what was already trained on
             for _ in range(done):
                 next(it)
     stops = sorted({int(s) for s in stops if done <= s <= total} | {total})
     if stops[0] == 0 and done == 0 and on_stop is not None:
-        on_stop(group, 0, jax.device_get(state))
+        on_stop(group, 0, to_host(state))
     program = chunk_program(sae_cfg, tc, total, shared)
     bar = _progress(total, progress, len(members), bs, done)
     last_ckpt = done
     xs, act = _fill(its, chunk, bs, d, next(s for s in stops if s > done) - done) if done < total else (None, None)
+    scale_dev = sharding.put(np.float32(scale), rep)
     while done < total:
-        state, m = program(state, xs[0] if shared else xs, act, hp, jnp.float32(scale))
-        n = int(act.sum())
-        ends = done + np.minimum(np.arange(1, chunk // tc.log_every + 1) * tc.log_every, n)
+        state, m = program(state, put_x(xs), sharding.put(act, rep), hp, scale_dev)
+        n_steps = int(act.sum())
+        ends = done + np.minimum(np.arange(1, chunk // tc.log_every + 1) * tc.log_every, n_steps)
         real = np.concatenate([[True], ends[1:] > ends[:-1]])
-        done += n
+        done += n_steps
         if done < total:  # prepare the next chunk while the device works
             xs, act = _fill(its, chunk, bs, d, next(s for s in stops if s > done) - done)
-        m = jax.device_get(m)
+        m = to_host(m)
         history = {k: np.concatenate([history[k], m[k][:, real]], axis=1) for k in METRICS}
         log_steps = np.concatenate([log_steps, ends[real]])
         if on_stop is not None and done in stops:
-            on_stop(group, done, jax.device_get(state))
+            on_stop(group, done, to_host(state))
         if checkpoint is not None and done < total and done - last_ckpt >= checkpoint.every:
-            checkpoint.save(group, done, state, history, log_steps)
+            checkpoint.save(group, done, to_host(state), history, log_steps)
             last_ckpt = done
         if bar is not None:
-            bar.update(n)
+            bar.update(n_steps)
             bar.set_postfix(loss=f"{np.nanmean(m['loss'][:, real][:, -1]):.4g}", l0=f"{np.nanmean(m['l0'][:, real][:, -1]):.1f}")
     if bar is not None:
         bar.close()
-    return jax.device_get(state), history, log_steps
+    return to_host(state), history, log_steps
 
 
 def own_order_seed(data_seed: int, seed: int) -> int:

@@ -1,0 +1,365 @@
+"""Scaling out: device meshes, member sharding, several hosts, reduced precision.
+
+saejax scales on JAX's own machinery, not on process pools. Training is ``jit(vmap(scan(step)))``
+over *members* (seed x swept float); this module lays that member axis over a device mesh:
+
+- :func:`make_mesh` builds a ``members x batch`` mesh from every device. By default the member
+  axis takes all devices; when there are fewer members than devices, the spare factor shards the
+  batch axis instead (each member's batch is split over ``batch`` devices, gradients all-reduced).
+- Arrays are placed with ``NamedSharding``: parameters and optimiser state ``P('members')``,
+  activations ``P(None, 'batch')`` (replicated over members when all seeds share the data order),
+  hyper-parameters ``P('members')``. XLA's partitioner turns the vmapped program into one
+  per-device program; members never communicate, so sharding leaves each member's numbers as
+  they are.
+- A member count that does not divide the member axis is padded with copies of the last member
+  (:func:`pad_members`) and trimmed afterwards (:func:`trim_members`).
+- Several hosts: :func:`maybe_initialize_distributed` calls ``jax.distributed.initialize()`` when
+  the environment describes a multi-host job; :func:`is_main_process` gates writing results;
+  :func:`process_slice` is the rows of a batch this host reads; :func:`to_host` gathers results.
+- Reduced precision: :func:`in_compute_dtype` runs an SAE loss in bfloat16 (activations and
+  matmuls) over float32 master weights; gradients and Adam stay float32.
+- :func:`all_pairs_sharded`: the stability kernel with its seed-pair list sharded over devices.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import contextmanager
+from functools import lru_cache, partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from saejax.errors import check
+
+MEMBERS, BATCH, PAIRS = "members", "batch", "pairs"
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+# ----------------------------------------------------------------------------- several hosts
+def distributed_reason(env=None) -> str | None:
+    """Why this process belongs to a multi-host job (a short phrase), or ``None``.
+
+    ``SAEJAX_DISTRIBUTED=1`` forces it and ``=0`` forbids it; otherwise a SLURM job with more
+    than one task, an Open MPI world of more than one process, a TPU pod slice whose worker list
+    names several hosts, or an explicit ``JAX_COORDINATOR_ADDRESS``. (A TPU pod that lists its
+    workers only in the VM metadata needs ``SAEJAX_DISTRIBUTED=1``.)
+    """
+    env = os.environ if env is None else env
+    flag = env.get("SAEJAX_DISTRIBUTED", "").strip().lower()
+    if flag in _FALSE:
+        return None
+    if flag in _TRUE:
+        return "SAEJAX_DISTRIBUTED=1"
+    if all(v in env for v in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID")) \
+            and _int(env.get("SLURM_NTASKS")) > 1:
+        return f"SLURM job with {env['SLURM_NTASKS']} tasks"
+    if _int(env.get("OMPI_COMM_WORLD_SIZE")) > 1:
+        return f"Open MPI world of {env['OMPI_COMM_WORLD_SIZE']} processes"
+    hosts = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES") or ""
+    if len([h for h in hosts.split(",") if h.strip()]) > 1:
+        return f"TPU pod slice with {len(hosts.split(','))} hosts"
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return "JAX_COORDINATOR_ADDRESS is set"
+    return None
+
+
+def _int(v) -> int:
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return 0
+
+
+def maybe_initialize_distributed(env=None, **kwargs) -> bool:
+    """Call ``jax.distributed.initialize(**kwargs)`` if :func:`distributed_reason` says so.
+
+    Must run before anything touches a JAX device (``jax.devices()`` included); JAX then detects
+    the coordinator, process count and id itself on TPU pods, SLURM and Open MPI. Returns whether
+    this process is (now) part of a multi-process job; calling it twice is harmless.
+    """
+    if jax.distributed.is_initialized():
+        return True
+    reason = distributed_reason(env)
+    if reason is None:
+        return False
+    jax.distributed.initialize(**kwargs)
+    if is_main_process():
+        print(f"jax.distributed initialised ({reason}): {jax.process_count()} processes")
+    return True
+
+
+def is_main_process() -> bool:
+    """True on process 0 only: the one that writes results, figures and checkpoints."""
+    return jax.process_index() == 0
+
+
+def process_slice(n: int, *, index: int | None = None, count: int | None = None) -> slice:
+    """Contiguous rows of an ``n``-row batch that host ``index`` of ``count`` reads.
+
+    The first ``n % count`` hosts take one extra row, so the slices tile ``range(n)`` exactly.
+    Defaults to this process (``jax.process_index()`` of ``jax.process_count()``).
+    """
+    index = jax.process_index() if index is None else index
+    count = jax.process_count() if count is None else count
+    check(count > 0 and 0 <= index < count, f"process index must be in [0, {count}), got {index}")
+    base, extra = divmod(n, count)
+    start = index * base + min(index, extra)
+    return slice(start, start + base + (index < extra))
+
+
+# ----------------------------------------------------------------------------- meshes
+def mesh_shape(n_members: int | None = None, batch_size: int | None = None, shape=None,
+               n_devices: int | None = None) -> tuple[int, int]:
+    """``(members, batch)`` axis sizes for ``n_members`` members on ``n_devices`` devices.
+
+    ``shape`` ``None`` chooses automatically: every device on the member axis when there are at
+    least as many members as devices; otherwise the member axis is the smallest divisor of the
+    device count that holds every member, and the rest shards the batch (its largest factor that
+    divides ``batch_size``, so some devices may stay idle). An explicit ``(m, b)`` is used as
+    given; one entry may be ``-1`` ("all remaining devices").
+    """
+    n_devices = jax.device_count() if n_devices is None else n_devices
+    if shape is not None:
+        check(len(shape) == 2, f"mesh_shape must be (members, batch), got {shape!r}")
+        m, b = (int(v) for v in shape)
+        check(not (m == -1 and b == -1), f"mesh_shape may have at most one -1, got {shape!r}")
+        m = n_devices // b if m == -1 else m
+        b = n_devices // m if b == -1 else b
+        check(m > 0 and b > 0 and m * b <= n_devices,
+              f"mesh_shape {tuple(shape)} needs {m}x{b} devices but {n_devices} are available")
+        check(batch_size is None or batch_size % b == 0,
+              f"batch_size={batch_size} must be divisible by the mesh's batch axis ({b})")
+        return m, b
+    if n_members is None or n_members >= n_devices:
+        return n_devices, 1
+    m = min(d for d in range(1, n_devices + 1) if n_devices % d == 0 and d >= n_members)
+    b = n_devices // m if batch_size is None else math.gcd(n_devices // m, batch_size)
+    return m, b
+
+
+def make_mesh(n_members: int | None = None, batch_size: int | None = None, shape=None,
+              devices=None) -> Mesh:
+    """A ``('members', 'batch')`` mesh over ``devices`` (default: every device of every host).
+
+    Axes are ``Auto`` (the partitioner propagates shardings), whatever the JAX default is.
+    See :func:`mesh_shape` for how the sizes are chosen.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    m, b = mesh_shape(n_members, batch_size, shape, len(devices))
+    return jax.make_mesh((m, b), (MEMBERS, BATCH), axis_types=(AxisType.Auto, AxisType.Auto),
+                         devices=devices[: m * b])
+
+
+def describe_mesh(mesh: Mesh | None = None, *, n_members: int | None = None, batch_size: int | None = None,
+                  shape=None) -> str:
+    """One line naming the mesh and its devices, for logs.
+
+    ``mesh`` ``None`` describes the mesh :func:`make_mesh` builds for ``n_members`` /
+    ``batch_size`` / ``shape`` (the trainer's default), e.g.
+    ``mesh: members=8 x batch=1 over 8 tpu devices (1 process)``.
+    """
+    mesh = make_mesh(n_members, batch_size, shape) if mesh is None else mesh
+    kinds = sorted({d.platform for d in mesh.devices.flat})
+    axes = " x ".join(f"{n}={s}" for n, s in mesh.shape.items())
+    procs = len({d.process_index for d in mesh.devices.flat})
+    unused = jax.device_count() - mesh.size
+    return (f"mesh: {axes} over {mesh.size} {'/'.join(kinds)} device{'s' * (mesh.size != 1)} "
+            f"({procs} process{'es' * (procs != 1)}{f'; {unused} devices unused' if unused else ''})")
+
+
+def member_size(mesh: Mesh) -> int:
+    check(MEMBERS in mesh.axis_names, f"the training mesh needs a {MEMBERS!r} axis, got axes {mesh.axis_names}")
+    return mesh.shape[MEMBERS]
+
+
+def members_spec(mesh: Mesh, ndim: int = 1, batch_dim: int | None = None) -> NamedSharding:
+    """Leading axis over ``members``; ``batch_dim`` (if given) over ``batch``; the rest replicated."""
+    spec = [MEMBERS] + [None] * (ndim - 1)
+    if batch_dim is not None and BATCH in mesh.axis_names:
+        spec[batch_dim] = BATCH
+    return NamedSharding(mesh, P(*spec))
+
+
+def data_spec(mesh: Mesh, ndim: int, batch_dim: int) -> NamedSharding:
+    """Shared data: replicated over ``members``, axis ``batch_dim`` over ``batch``."""
+    spec = [None] * ndim
+    if BATCH in mesh.axis_names:
+        spec[batch_dim] = BATCH
+    return NamedSharding(mesh, P(*spec))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+# ----------------------------------------------------------------------------- placement
+def padded_size(n: int, mesh: Mesh) -> int:
+    """``n`` rounded up to a multiple of the member axis."""
+    m = member_size(mesh)
+    return -(-n // m) * m
+
+
+def pad_members(tree, n: int):
+    """Grow every leaf's leading axis to ``n`` with copies of its last entry.
+
+    Copies of a real member train like it (no NaN from zeros, no extra compile) and are dropped by
+    :func:`trim_members`. Numpy leaves stay numpy, JAX leaves stay JAX.
+    """
+    def pad(a):
+        extra = n - a.shape[0]
+        check(extra >= 0, f"cannot pad {a.shape[0]} members down to {n}")
+        if extra == 0:
+            return a
+        xp = np if isinstance(a, np.ndarray) else jnp
+        return xp.concatenate([a, xp.repeat(a[-1:], extra, axis=0)])
+
+    return jax.tree.map(pad, tree)
+
+
+def trim_members(tree, n: int):
+    """The first ``n`` members of every leaf (undoes :func:`pad_members`)."""
+    return jax.tree.map(lambda a: a[:n], tree)
+
+
+def put(x, sharding: NamedSharding) -> jax.Array:
+    """Place a host array (identical on every host) with ``sharding``.
+
+    One process: ``device_put``. Several: each host builds only the shards its own devices hold.
+    """
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def put_tree(tree, sharding: NamedSharding):
+    return jax.tree.map(lambda a: put(a, sharding), tree)
+
+
+def to_host(tree):
+    """Numpy copies of a pytree of (possibly sharded, possibly multi-host) arrays, on every host."""
+    def get(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+        return np.asarray(jax.device_get(a))
+
+    return jax.tree.map(get, tree)
+
+
+# ----------------------------------------------------------------------------- precision
+def compute_dtype(name: str | None):
+    """The JAX dtype for a ``TrainConfig.compute_dtype`` name (``None`` = float32)."""
+    name = name or "float32"
+    check(name in COMPUTE_DTYPES, f"compute_dtype must be one of {tuple(COMPUTE_DTYPES)}, got {name!r}")
+    return COMPUTE_DTYPES[name]
+
+
+def in_compute_dtype(loss_fn, dtype):
+    """``loss_fn(params, x, *rest)`` evaluated in ``dtype`` over float32 master parameters.
+
+    Mixed precision as in Micikevicius et al. (2018, arXiv:1710.03740) without loss scaling
+    (bfloat16 keeps float32's exponent range): floating parameters and ``x`` are cast to ``dtype``
+    inside the function, so forward and backward matmuls run in ``dtype`` while the gradient
+    arrives in float32 through the casts' transposes; every floating output is returned as
+    float32. ``dtype`` float32 (or ``None``/``"float32"``) returns ``loss_fn`` itself.
+    JumpReLU thresholds are cast too, so its straight-through window (``jump_bandwidth``) is
+    resolved only to bfloat16's ~3 significant digits: prefer float32 for JumpReLU.
+    """
+    dtype = compute_dtype(dtype) if dtype is None or isinstance(dtype, str) else dtype
+    if jnp.dtype(dtype) == jnp.float32:
+        return loss_fn
+
+    def cast(a, to):
+        return a.astype(to) if jnp.issubdtype(a.dtype, jnp.floating) else a
+
+    def wrapped(params, x, *rest):
+        out = loss_fn(jax.tree.map(partial(cast, to=dtype), params), cast(x, dtype), *rest)
+        return jax.tree.map(partial(cast, to=jnp.float32), out)
+
+    return wrapped
+
+
+# ----------------------------------------------------------------------------- stability
+def pair_mesh(devices=None) -> Mesh:
+    """A 1-D ``('pairs',)`` mesh over every device, for :func:`all_pairs_sharded`."""
+    devices = list(jax.devices() if devices is None else devices)
+    return jax.make_mesh((len(devices),), (PAIRS,), axis_types=(AxisType.Auto,), devices=devices)
+
+
+@lru_cache(maxsize=64)
+def _sharded_kernel(mesh: Mesh, k: int, chunk: int, signed: bool, masked: bool):
+    from saejax.stability import kernel as K
+
+    axis = mesh.axis_names[0]
+    kernel = partial(K._all_pairs_jit, k=k, chunk=chunk, signed=signed, masked=masked)
+    return jax.jit(jax.shard_map(kernel, mesh=mesh, in_specs=(P(), P(), P(axis)), out_specs=P(axis),
+                                 check_vma=False))
+
+
+def all_pairs_sharded(dicts, *, mesh: Mesh | None = None, top_k: int = 8, chunk: int | None = None,
+                      pairs=None, alive=None, signed: bool = False):
+    """:func:`saejax.stability.kernel.all_pairs` with the seed-pair list sharded over devices.
+
+    The ``P`` pairs are padded to a multiple of the device count (with copies of the first pair)
+    and split into equal contiguous blocks; ``shard_map`` runs the same jitted kernel on every
+    device over its block (stacked dictionaries replicated: ``S * n * d * 4`` bytes per device),
+    and the padding is trimmed. Same arguments and outputs as ``all_pairs``; equal values.
+    """
+    from saejax.stability import kernel as K
+
+    mesh = pair_mesh() if mesh is None else mesh
+    dicts = K.check_stack(dicts)
+    s, n, _ = dicts.shape
+    if pairs is None:
+        check(s >= 2, f"all_pairs needs at least 2 seeds, got {s}")
+        pairs = np.stack(np.triu_indices(s, 1), axis=1)
+    pairs = np.asarray(pairs, dtype=np.int32).reshape(-1, 2)
+    check(len(pairs) > 0, "pairs is empty; expected at least one (i, j) pair")
+    check(bool(((pairs >= 0) & (pairs < s)).all()), f"pairs must index seeds 0..{s - 1}, got {pairs.min()}..{pairs.max()}")
+    k = K._check_k(top_k, n, n)
+    chunk = K._check_chunk(chunk, n, n)
+    ok = K.check_mask(alive, (s, n), "alive")
+    n_dev = mesh.shape[mesh.axis_names[0]]
+    padded = pad_members(pairs, -(-len(pairs) // n_dev) * n_dev)
+    fn = _sharded_kernel(mesh, k, chunk, bool(signed), alive is not None)
+    rep = NamedSharding(mesh, P())
+    stats = fn(put(dicts, rep), put(ok, rep), put(padded, NamedSharding(mesh, P(mesh.axis_names[0]))))
+    stats = trim_members(to_host(stats), len(pairs))
+    return K.AllPairs(pairs, K.PairStats(*(jnp.asarray(a) for a in stats)))
+
+
+@contextmanager
+def sharded_pairs(mesh: Mesh | None = None):
+    """Within this block, :func:`saejax.stability.stability_report` runs its all-pairs kernel
+    sharded over ``mesh`` (default: every device) via :func:`all_pairs_sharded`.
+
+    Every report value is unchanged (the kernel's per-pair numbers are identical); only where
+    the pairs are computed changes. With one device this is a no-op.
+    """
+    from saejax.stability import report as R
+
+    mesh = pair_mesh() if mesh is None else mesh
+    if mesh.size == 1:
+        yield
+        return
+    original = R.all_pairs
+    R.all_pairs = partial(all_pairs_sharded, mesh=mesh)
+    try:
+        yield
+    finally:
+        R.all_pairs = original
+
+
+def stability_report_sharded(*args, mesh: Mesh | None = None, **kwargs):
+    """:func:`saejax.stability.stability_report` with seed pairs sharded over every device."""
+    from saejax.stability import stability_report
+
+    with sharded_pairs(mesh):
+        return stability_report(*args, **kwargs)
