@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saejax import sae, stability
+from saejax import sae, sharding, stability
 from saejax.checkpoint import Checkpointer
 from saejax.experiment import Experiment, Unit
 from saejax.io import read_json, save_saelens, write_json, write_npz
@@ -114,7 +114,8 @@ def _dynamics(snap_dir: Path, dyn: list[int], upto: int, h: int, n: int) -> list
 def _analyse_cell(exp, unit, cell, coef, length, step, view, heldout, source, rand, eff_rank, dynamics, out):
     ev = evaluate(view, heldout, keep_latents=True)
     dec, enc = view.decoders(), view.encoders()
-    report = stability.stability_report(
+    measure = sharding.stability_report_sharded if jax.device_count() > 1 else stability.stability_report
+    report = measure(
         dec, enc, alive=ev["alive"], latents=ev["latents"], true_dictionary=source.true_dictionary,
         seeds=list(exp.seeds), random_control=rand["decoders"])
     cdir = out / "cells" / cell

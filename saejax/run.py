@@ -77,8 +77,15 @@ def _main(args) -> int:
     from saejax import experiment, report
     from saejax.cells import run_unit
 
+    from saejax import sharding
+
+    sharding.maybe_initialize_distributed()
     exp = experiment.apply_overrides(experiment.load(args.experiment), args.set)
     out = Path(args.out or Path("runs") / exp.name)
+    if not sharding.is_main_process():  # every host computes the same; only process 0 writes the results
+        import jax
+
+        out = out / f".process{jax.process_index()}"
     if args.cache_dir:
         os.environ["SAEJAX_CACHE"] = str(Path(args.cache_dir).absolute())
     if args.fresh and out.exists() and not args.dry_run:
@@ -86,7 +93,9 @@ def _main(args) -> int:
             shutil.rmtree(out / sub, ignore_errors=True)
     if not args.dry_run:
         writable_dir(out)
-    _describe_devices()
+        for tmp in out.rglob(".*.tmp"):  # left by a run killed mid-write; never read
+            tmp.unlink(missing_ok=True)
+    print(sharding.describe_mesh())
     t0 = time.perf_counter()
     source = exp.source.build()
     check(source.d_in > 0, "the activation source has no width")
@@ -96,24 +105,16 @@ def _main(args) -> int:
         return 0
     records = []
     for i, unit in enumerate(units, 1):
-        print(f"[{i}/{len(units)}] {unit.id}")
+        tc = exp.train_config(max(unit.lengths))
+        mesh = sharding.describe_mesh(n_members=len(exp.seeds) * len(unit.coefs), batch_size=tc.batch_size,
+                                      shape=tc.mesh_shape)
+        print(f"[{i}/{len(units)}] {unit.id}  ({mesh})")
         records += run_unit(exp, unit, source, out, progress=not args.no_progress)
     report.write_all(exp, records, out)
     print(report.table(records))
     print(f"\n{len(records)} cells in {time.perf_counter() - t0:.0f} s; results in {out}/ "
           f"(summary.json, summary.csv, report.md, figures/)")
     return 0
-
-
-def _describe_devices() -> None:
-    import jax
-
-    try:
-        from saejax.sharding import describe_mesh
-
-        print(describe_mesh())
-    except ImportError:
-        print(f"devices: {len(jax.devices())} x {jax.devices()[0].device_kind}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,13 +25,14 @@ import numpy as np
 import optax
 from flax import struct
 
-from saejax import sae, sharding
+from saejax import kernels, sae, sharding
 from saejax.config import SAEConfig, TrainConfig, closest
 from saejax.data import Source
 from saejax.errors import ConfigError, check
 
 SWEEPABLE = ("lr", "l1_coef", "l0_coef", "aux_coef")
 METRICS = ("loss", "mse", "fvu", "l0", "aux", "sparsity", "dead_frac", "dec_norm_err")
+MEMBER_AXIS = "member"  # name of the vmapped member axis inside a chunk program
 TRACES: Counter = Counter()  # how often each chunk program was traced (tests assert on it)
 
 
@@ -122,13 +124,16 @@ def init_state(sae_cfg: SAEConfig, tc: TrainConfig, key: jax.Array, b_dec: jax.A
 
 
 def train_step(sae_cfg: SAEConfig, tc: TrainConfig, total: int, state: TrainState, x: jax.Array,
-               active: jax.Array, hp: dict, scale: jax.Array):
-    """One Adam step for one member. ``active`` False (padding past the last step) changes nothing."""
+               active: jax.Array, hp: dict, scale: jax.Array, axis_name: str | None = None):
+    """One Adam step for one member. ``active`` False (padding past the last step) changes nothing.
+
+    ``axis_name``: the vmapped member axis, if any; AuxK is then skipped while no member has a
+    dead latent (see :func:`_loss_and_grads`).
+    """
     x = x * scale
     ramp = jnp.minimum(1.0, (state.step + 1) / tc.sparsity_warmup_steps) if tc.sparsity_warmup_steps else 1.0
     dead = state.since_fired >= sae_cfg.dead_tokens
-    grad_fn = jax.value_and_grad(sharding.in_compute_dtype(partial(sae.loss, sae_cfg), tc.compute_dtype), has_aux=True)
-    (loss, (metrics, fired, min_kept)), grads = grad_fn(state.params, x, hp, dead, ramp)
+    (loss, (metrics, fired, min_kept)), grads = _loss_and_grads(sae_cfg, tc, state.params, x, hp, dead, ramp, axis_name)
     if sae_cfg.unit_norm_decoder:  # only the tangential part of the gradient moves a unit row
         w = state.params["W_dec"]
         g = grads["W_dec"]
@@ -154,6 +159,26 @@ def train_step(sae_cfg: SAEConfig, tc: TrainConfig, total: int, state: TrainStat
     return kept, metrics
 
 
+def _loss_and_grads(sae_cfg, tc, params, x, hp, dead, ramp, axis_name):
+    """``value_and_grad`` of :func:`saejax.sae.loss`, without AuxK's work while nothing is dead.
+
+    AuxK is exactly 0, in value and gradient, while no latent is dead, yet its top-``n_aux`` and
+    decode cost as much as the rest of a sparse step. The branch is taken on "any member has a
+    dead latent" (a ``psum`` over the vmapped member axis): a predicate shared by all members
+    keeps ``lax.cond`` a real branch under ``vmap`` instead of a select that runs both sides.
+    """
+    def run(cfg):
+        fn = jax.value_and_grad(sharding.in_compute_dtype(partial(sae.loss, cfg), tc.compute_dtype), has_aux=True)
+        return fn(params, x, hp, dead, ramp)
+
+    if sae_cfg.n_aux == 0:
+        return run(sae_cfg)
+    any_dead = jnp.any(dead).astype(jnp.int32)
+    if axis_name is not None:
+        any_dead = jax.lax.psum(any_dead, axis_name)
+    return jax.lax.cond(any_dead > 0, lambda: run(sae_cfg), lambda: run(sae_cfg.replace(aux_k=0)))
+
+
 @lru_cache(maxsize=32)
 def chunk_program(sae_cfg: SAEConfig, tc: TrainConfig, total: int, shared_data: bool):
     """``jit(vmap(scan(train_step)))`` for a chunk; cached so equal configs compile once."""
@@ -162,7 +187,7 @@ def chunk_program(sae_cfg: SAEConfig, tc: TrainConfig, total: int, shared_data: 
         TRACES[(sae_cfg, tc, total, shared_data)] += 1  # runs only while tracing
 
         def body(st, inp):
-            return train_step(sae_cfg, tc, total, st, inp[0], inp[1], hp, scale)
+            return train_step(sae_cfg, tc, total, st, inp[0], inp[1], hp, scale, MEMBER_AXIS)
 
         state, m = jax.lax.scan(body, state, (xs, actives))
         w = actives.reshape(-1, tc.log_every).astype(jnp.float32)  # window means over active steps
@@ -170,7 +195,7 @@ def chunk_program(sae_cfg: SAEConfig, tc: TrainConfig, total: int, shared_data: 
         return state, m
 
     data_axis = None if shared_data else 0
-    return jax.jit(jax.vmap(member, in_axes=(0, data_axis, None, 0, None)), donate_argnums=(0,))
+    return jax.jit(jax.vmap(member, in_axes=(0, data_axis, None, 0, None), axis_name=MEMBER_AXIS), donate_argnums=(0,))
 
 
 # ----------------------------------------------------------------------------- driver
@@ -239,8 +264,8 @@ def train(sae_cfg: SAEConfig, tc: TrainConfig, source: Source, seeds, *, sweep: 
     scale = sae.input_scale(sae_cfg, sample)
     b_dec = sae.b_dec_init(sae_cfg, sample * scale)
     members = [(h, s) for h in range(len(points)) for s in seeds]
-    group = max_group or len(members)
-    check(group > 0, f"max_group must be positive, got {max_group!r}")
+    check(max_group is None or max_group > 0, f"max_group must be positive, got {max_group!r}")
+    group = max_group or auto_group_size(sae_cfg, tc, len(members))
     t0 = time.perf_counter()
     parts = [_train_group(sae_cfg, tc, source, members[i:i + group], points, total, scale, b_dec, progress,
                           i // group, stops, on_stop, checkpoint, mesh)
@@ -256,6 +281,66 @@ def train(sae_cfg: SAEConfig, tc: TrainConfig, source: Source, seeds, *, sweep: 
               "its parameters are frozen at the last finite step, other seeds are unaffected")
     return TrainResult(sae_cfg, tc, seeds, points, state.params, scale, np.asarray(state.threshold),
                        np.asarray(state.since_fired), history, log_steps, failed, time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------- memory
+def member_bytes(sae_cfg: SAEConfig, tc: TrainConfig) -> int:
+    """Estimated device bytes per member of a chunk program, before compiling it.
+
+    Parameters, Adam's two moments and the gradient/update temporaries (``~5 P``), plus the
+    step's activations: the dense path keeps about nine ``[B, d_sae]`` arrays alive (pre-
+    activations, latents, their cotangents, AuxK's masked copy and scatter), the sparse path only
+    ``[chunk, d_sae]`` encoder chunks, ``[B, k + n_aux]`` selections and bounded gather/scatter
+    chunks. Calibrated against XLA's compiled memory analysis on CPU for every architecture and
+    both kernels: it errs on the high side (by 5-90%; the dense TopK shapes by ~20%).
+    """
+    d, n, bs = sae_cfg.d_in, sae_cfg.d_sae, tc.batch_size
+    n_params = 2 * d * n + n + d + (n if sae_cfg.arch == "jumprelu" else 0)
+    f32 = 4
+    acts = 6 * bs * d
+    if sae_cfg.kernel == "sparse":
+        kk = sae_cfg.k + sae_cfg.n_aux
+        acts += 3 * kernels.ENCODE_CHUNK * n + 8 * bs * kk + 2 * kernels.CHUNK_BYTES // f32
+    else:
+        acts += {"topk": 9, "batchtopk": 9, "relu": 4, "jumprelu": 7}[sae_cfg.arch] * bs * n
+    return f32 * (5 * n_params + acts)
+
+
+def memory_budget() -> tuple[int, str]:
+    """Bytes the chunk program may use, and where the figure comes from.
+
+    Accelerators report ``bytes_limit`` and ``bytes_in_use`` (summed over the local devices, over
+    which members are sharded); a CPU backend reports nothing, so 70% of the host's RAM is used.
+    """
+    stats = [dev.memory_stats() for dev in jax.local_devices()]
+    if all(st and "bytes_limit" in st for st in stats):
+        free = sum(st["bytes_limit"] - st.get("bytes_in_use", 0) for st in stats)
+        return int(0.9 * free), f"{len(stats)} x {jax.local_devices()[0].device_kind} memory"
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(0.7 * ram), "70% of host RAM"
+
+
+def auto_group_size(sae_cfg: SAEConfig, tc: TrainConfig, n_members: int) -> int:
+    """Largest balanced group size such that the fewest groups of members fit :func:`memory_budget`.
+
+    Prints the split when one is needed; a single member that does not fit is tried anyway.
+    """
+    per = member_bytes(sae_cfg, tc)
+    data = 2 * min(tc.chunk_bytes, tc.chunk_steps * tc.batch_size * sae_cfg.d_in * 4)  # this chunk and the next
+    if not tc.same_data_order:
+        per += data
+        data = 0
+    budget, where = memory_budget()
+    fit = max(1, (budget - data) // per)
+    if fit >= n_members:
+        return n_members
+    n_groups = -(-n_members // fit)
+    group = -(-n_members // n_groups)
+    gib = 2.0**30
+    print(f"saejax: {n_members} SAEs need ~{(data + n_members * per) / gib:.1f} GiB (~{per / gib:.2f} GiB each) but "
+          f"~{budget / gib:.1f} GiB is available ({where}); training them in {n_groups} groups of at most "
+          f"{group} (same results, one group after another)")
+    return group
 
 
 def _train_group(sae_cfg, tc, source, members, points, total, scale, b_dec, progress, group=0,
@@ -279,7 +364,6 @@ def _train_group(sae_cfg, tc, source, members, points, total, scale, b_dec, prog
         return sharding.trim_members(sharding.to_host(tree), n)
 
     bs, d = tc.batch_size, sae_cfg.d_in
-    order_seeds = sorted({s for _, s in members})
     shared = tc.same_data_order
     low = sharding.compute_dtype(tc.compute_dtype)
     x_spec = sharding.data_spec(mesh, 3, 1) if shared else sharding.members_spec(mesh, 4, 2)
@@ -293,9 +377,8 @@ def _train_group(sae_cfg, tc, source, members, points, total, scale, b_dec, prog
     chunk -= chunk % tc.log_every
     if shared:
         its = [source.batches(bs, seed=tc.data_seed)]
-    else:  # each seed its own order; swept copies of a seed share it
-        by_seed = {s: source.batches(bs, seed=own_order_seed(tc.data_seed, s)) for s in order_seeds}
-        its = [by_seed[s] for _, s in members]
+    else:  # each seed its own order; swept copies of a seed see that same order
+        its = [source.batches(bs, seed=own_order_seed(tc.data_seed, s)) for _, s in members]
     history = {k: np.zeros((len(members), 0), np.float32) for k in METRICS}
     log_steps, done = np.zeros(0, np.int64), 0
     like = jax.tree.map(lambda a: jax.ShapeDtypeStruct((n, *a.shape[1:]), a.dtype), state)

@@ -108,6 +108,9 @@ def test_own_data_order_per_seed():
     both = train(cfg, tc, SRC, [0, 1], progress=False)
     alone = train(cfg, tc, SRC, [1], progress=False)
     assert rel_err(jax.tree.map(lambda a: a[1], both.params), jax.tree.map(lambda a: a[0], alone.params)) <= 1e-5
+    swept = train(cfg, tc, SRC, [0, 1], sweep={"lr": [3e-4, 1e-3]}, progress=False)  # copies of a seed share its order
+    lone = train(cfg, tc.replace(lr=1e-3), SRC, [1], progress=False)
+    assert rel_err(jax.tree.map(lambda a: a[1], swept.select(1).params), jax.tree.map(lambda a: a[0], lone.params)) <= 1e-5
     shared = train(cfg, tc.replace(same_data_order=True), SRC, [0, 1], progress=False)
     assert rel_err(jax.tree.map(lambda a: a[1], shared.params), jax.tree.map(lambda a: a[1], both.params)) > 1e-3
 
