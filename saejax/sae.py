@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from saejax import kernels
 from saejax.config import TOPK_FAMILY, SAEConfig
 
 
@@ -184,19 +185,22 @@ def loss(cfg: SAEConfig, params: dict, x: jax.Array, hp: dict, dead: jax.Array, 
     (Gao et al. 2024, normalised as in EleutherAI sparsify). ``hp`` holds the traced floats
     (``lr``, ``l1_coef``, ``l0_coef``, ``aux_coef``) so one program can sweep them.
     """
-    pre = pre_acts(params, x)
     sparsity = jnp.zeros((), x.dtype)
     aux = jnp.zeros((), x.dtype)
     min_kept = jnp.zeros((), x.dtype)
     if cfg.arch == "topk" and cfg.kernel == "sparse":
-        from saejax import kernels
-
-        vals, idx = topk_select(pre, cfg.k)
+        # Same numbers as the dense branch; only the encoder forward is dense (see saejax.kernels).
+        vals, idx, aux_vals, aux_idx = kernels.topk_encode(
+            x, params["W_enc"], params["b_enc"], params["b_dec"], dead, cfg.k, cfg.n_aux)
         x_hat = kernels.sparse_decode(vals, idx, params["W_dec"]) + params["b_dec"]
-        z = None
         fired = jnp.zeros(cfg.d_sae, bool).at[idx.reshape(-1)].max((vals > 0).reshape(-1))
         l0 = jnp.mean(jnp.sum(vals > 0, axis=1))
+        err = x_hat - x
+        if cfg.n_aux > 0:
+            e_hat = kernels.sparse_decode(aux_vals, aux_idx, params["W_dec"])
+            aux = _auxk_ratio(cfg, e_hat, jax.lax.stop_gradient(-err), dead)
     else:
+        pre = pre_acts(params, x)
         if cfg.arch == "topk":
             z = scatter_latents(*topk_select(pre, cfg.k), cfg.d_sae)
         elif cfg.arch == "batchtopk":
@@ -214,11 +218,11 @@ def loss(cfg: SAEConfig, params: dict, x: jax.Array, hp: dict, dead: jax.Array, 
         x_hat = decode(params, z)
         fired = jnp.any(z > 0, axis=0)
         l0 = jnp.mean(jnp.sum(z > 0, axis=1))
-    err = x_hat - x
+        err = x_hat - x
+        if cfg.n_aux > 0:
+            aux = auxk_loss(cfg, params, pre, jax.lax.stop_gradient(-err), dead)
     recon = jnp.mean(jnp.sum(err**2, axis=1))
     total_var = jnp.sum((x - x.mean(0)) ** 2)
-    if cfg.n_aux > 0:
-        aux = auxk_loss(cfg, params, pre, jax.lax.stop_gradient(-err), dead)
     out = recon + sparsity + hp["aux_coef"] * aux
     metrics = {
         "loss": out,
@@ -233,11 +237,16 @@ def loss(cfg: SAEConfig, params: dict, x: jax.Array, hp: dict, dead: jax.Array, 
 
 def auxk_loss(cfg: SAEConfig, params: dict, pre: jax.Array, resid: jax.Array, dead: jax.Array) -> jax.Array:
     """AuxK: reconstruct ``resid`` from the top-``n_aux`` dead latents (0 when none are dead)."""
-    n_dead = jnp.sum(dead)
     masked = jnp.where(dead, pre, -jnp.inf)
     vals, idx = jax.lax.top_k(masked, cfg.n_aux)
     vals = jnp.where(jnp.isfinite(vals), jax.nn.relu(vals), 0.0)
     e_hat = scatter_latents(vals, idx, cfg.d_sae) @ params["W_dec"]
+    return _auxk_ratio(cfg, e_hat, resid, dead)
+
+
+def _auxk_ratio(cfg: SAEConfig, e_hat: jax.Array, resid: jax.Array, dead: jax.Array) -> jax.Array:
+    """``||e_hat - resid||^2 / ||resid - mean(resid)||^2``, scaled by the dead fraction of n_aux."""
+    n_dead = jnp.sum(dead)
     num = jnp.sum((e_hat - resid) ** 2)
     den = jnp.maximum(jnp.sum((resid - resid.mean(0)) ** 2), 1e-12)
     # Scale down while fewer latents are dead than n_aux (sparsify); exactly 0 when none are.
