@@ -5,7 +5,8 @@ Reproduces: the study of SAEs on a 2-layer modular-addition transformer (p = 113
 TopK (k = 32) and ReLU (L1 = 1e-3) SAEs, d_sae in {64, 128, 256, 1024}, 5 seeds (42, 123, 456,
 789, 1011), Adam lr 3e-4, 20 and 50 epochs (20 is an exact snapshot of the 50-epoch run), with
 decoder PWMCC, random baselines and their ratio, Hungarian matching, and PWMCC at epoch 0 / 20 / 50
-(the study's training-dynamics table, in history.json and figures/dynamics.png). The study found
+(the study's training-dynamics table, in history.json and figures/dynamics.png), and per seed the
+spliced-reconstruction loss recovered and linear probes of the answer (raw vs SAE latents). The study found
 trained PWMCC ~0.30 at 20 epochs (= random) and ~0.36 at 50; the matched-regime follow-up found
 d_sae near the effective rank (~64-128) clearly above random. The transformer is trained by
 saejax on first use and cached.
@@ -27,4 +28,5 @@ def get_config():
         seeds=(42, 123, 456, 789, 1011),
         train={"batch_size": 512, "lr": 3e-4},
         dynamics=6,
+        analyses=("stability", "splice", "probe"),
     )

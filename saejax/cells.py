@@ -18,7 +18,7 @@ import numpy as np
 
 from saejax import sae, sharding, stability
 from saejax.checkpoint import Checkpointer
-from saejax.experiment import Experiment, Unit
+from saejax.experiment import Experiment, Modular, Unit
 from saejax.io import read_json, save_saelens, write_json, write_npz
 from saejax.train import evaluate, train
 
@@ -147,6 +147,13 @@ def _analyse_cell(exp, unit, cell, coef, length, step, view, heldout, source, ra
     }
     if dynamics:
         record["pwmcc_at_start"] = dynamics[0]["pwmcc"]
+    wanted = tuple(a for a in exp.analyses if a in ("splice", "probe"))
+    if wanted and isinstance(exp.source, Modular):
+        from saejax.downstream import modular_downstream
+
+        cols, down = modular_downstream(exp.source, unit.sae, raw, view.threshold, list(exp.seeds), analyses=wanted)
+        write_json(cdir / "downstream.json", down)
+        record.update(cols)
     write_json(cdir / "cell.json", record)
     return record
 

@@ -130,7 +130,8 @@ class Experiment:
     heldout_tokens: int = 8192
     """Held-out tokens for evaluation, dead latents and activation correlations."""
     analyses: tuple = ("stability",)
-    """``stability`` always; ``splice`` and ``probe`` where the source supports them."""
+    """``stability`` always; ``splice`` (reconstructions spliced into the model) and ``probe``
+    (linear probes, per-latent label profiles) for the embedded modular model."""
 
     def __post_init__(self):
         check(isinstance(self.name, str) and self.name and "/" not in self.name, f"experiment name must be a plain non-empty string, got {self.name!r}")
@@ -145,6 +146,9 @@ class Experiment:
         _check_keys(self.sae, SAEConfig, "sae", skip=("d_in", "d_sae", "arch", "k", "l1_coef", "l0_coef"))
         _check_keys(self.train, TrainConfig, "train", skip=("steps", "epochs"))
         check(self.dynamics >= 0, f"dynamics must be >= 0, got {self.dynamics}")
+        known = ("stability", "splice", "probe")
+        for a in self.analyses:
+            check(a in known, f"unknown analysis {a!r}; expected some of {known}{closest(a, known)}")
 
     @property
     def lengths(self) -> tuple:

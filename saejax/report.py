@@ -13,16 +13,22 @@ from saejax.io import atomic_write, read_json, to_jsonable, write_json
 TABLE = [("cell", "{}"), ("pwmcc", "{:.3f}"), ("random_pwmcc", "{:.3f}"), ("pwmcc_ratio", "{:.2f}x"),
          ("hungarian_mean", "{:.3f}"), ("frac_ge_0.7", "{:.3f}"), ("explained_variance", "{:.3f}"),
          ("l0", "{:.1f}"), ("dead_fraction", "{:.2f}")]
+DOWNSTREAM = [("cell", "{}"), ("pwmcc", "{:.3f}"), ("ce_clean", "{:.3f}"), ("ce_spliced", "{:.3f}"),
+              ("ce_zero_ablation", "{:.3f}"), ("loss_recovered", "{:.3f}"), ("loss_recovered_ci_low", "{:.3f}"),
+              ("loss_recovered_ci_high", "{:.3f}"), ("acc_clean", "{:.3f}"), ("acc_spliced", "{:.3f}"),
+              ("kl_spliced", "{:.4f}"), ("probe_answer_raw_acc", "{:.3f}"), ("probe_answer_sae_acc", "{:.3f}"),
+              ("probe_op_raw_acc", "{:.3f}"), ("probe_op_sae_acc", "{:.3f}"), ("usage_profile_corr", "{:.3f}")]
 
 
 def _fmt(fmt, v):
     return "-" if v is None else fmt.format(v)
 
 
-def table(records: list[dict], markdown: bool = False) -> str:
+def table(records: list[dict], markdown: bool = False, columns=TABLE) -> str:
     """The headline columns, one row per cell (terminal text or a markdown table)."""
-    head = [name for name, _ in TABLE]
-    rows = [[_fmt(f, r.get(n)) for n, f in TABLE] for r in records]
+    columns = [(n, f) for n, f in columns if any(r.get(n) is not None for r in records)]
+    head = [name for name, _ in columns]
+    rows = [[_fmt(f, r.get(n)) for n, f in columns] for r in records]
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
@@ -39,6 +45,8 @@ def write_all(exp, records: list[dict], out: Path) -> None:
                                       "seeds": list(exp.seeds), "cells": records})
     md = [f"# {exp.name}", "", f"Source: {exp.source.describe()}. Seeds: {list(exp.seeds)}.", "",
           table(records, markdown=True), "", "Columns are documented in the saejax README.", ""]
+    if any("loss_recovered" in r or any(k.startswith("probe_") for k in r) for r in records):
+        md += ["## Downstream: spliced reconstructions and probes", "", table(records, markdown=True, columns=DOWNSTREAM), ""]
     md += [f"## {title}\n\n![{title}]({path.relative_to(out)})\n" for title, path in figs]
     atomic_write(out / "report.md", "\n".join(md))
 
@@ -131,6 +139,17 @@ def figures(records: list[dict], out: Path) -> list[tuple[str, Path]]:
         ax.set_ylabel("PWMCC")
         ax.legend(fontsize=7)
         made.append((title, _save(fig, fdir / fname)))
+    if any(r.get("loss_recovered") is not None for r in records):
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        for arch in sorted({r["arch"] for r in records}):
+            rs = [r for r in records if r["arch"] == arch and r.get("loss_recovered") is not None]
+            ax.errorbar([r["pwmcc"] for r in rs], [r["loss_recovered"] for r in rs], fmt="o", label=arch,
+                        yerr=[[r["loss_recovered"] - r["loss_recovered_ci_low"] for r in rs],
+                              [r["loss_recovered_ci_high"] - r["loss_recovered"] for r in rs]])
+        ax.set_xlabel("PWMCC across seeds (stability)")
+        ax.set_ylabel("fraction of loss recovered (spliced)")
+        ax.legend(fontsize=7)
+        made.append(("Loss recovered vs stability", _save(fig, fdir / "loss_recovered_vs_stability.png")))
     fig, ax = plt.subplots(figsize=(5, 3.4))
     for arch in sorted({r["arch"] for r in records}):
         rs = [r for r in records if r["arch"] == arch]

@@ -14,13 +14,14 @@ def blobs(n, d, n_classes, sep, seed=0):
     return (centers[y] + rng.standard_normal((n, d))).astype(np.float32), y
 
 
-def test_separable_classes_are_learned_and_noise_is_not():
+@pytest.mark.parametrize("method", ["logistic", "ridge"])
+def test_separable_classes_are_learned_and_noise_is_not(method):
     x, y = blobs(1200, 10, 3, sep=6.0)
     tr, te = split(len(y), seed=1)
-    res = fit_probe(x[tr], y[tr], x[te], y[te])
+    res = fit_probe(x[tr], y[tr], x[te], y[te], method=method)
     assert res["test_acc"] > 0.98 and res["n_classes"] == 3
     noise = np.random.default_rng(5).integers(0, 3, len(y))  # labels independent of x
-    res = fit_probe(x[tr], noise[tr], x[te], noise[te])
+    res = fit_probe(x[tr], noise[tr], x[te], noise[te], method=method)
     assert res["test_acc"] < 0.45 and res["chance"] < 0.45
 
 
