@@ -1,0 +1,67 @@
+"""Chance level: exact expected PWMCC of independent isotropic dictionaries, and simulations."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from scipy import integrate, special
+
+from saejax.errors import check
+from saejax.stability.kernel import pair_stats
+
+
+def expected_max_abs_cos(d: int, n: int) -> float:
+    """``E[max_{j<=n} |cos(u, v_j)|]`` for a fixed unit ``u`` and ``n`` independent uniform unit ``v_j`` in R^d.
+
+    ``cos^2 ~ Beta(1/2, (d-1)/2)``, so ``P(|cos| <= t) = F(t) = I_{t^2}(1/2, (d-1)/2)``
+    (regularised incomplete beta), and ``E[max] = int_0^1 (1 - F(t)^n) dt``. Integrated with
+    quadrature split at quantiles of the maximum, where the integrand falls from 1 to 0.
+    """
+    check(int(d) >= 1 and int(n) >= 1, f"need d >= 1 and n >= 1, got d={d}, n={n}")
+    d, n = int(d), int(n)
+    if d == 1:
+        return 1.0
+    a, b = 0.5, (d - 1) / 2.0
+
+    def tail(t):  # 1 - F(t)^n, accurate when F is close to 1 (log1p(-1) = -inf at t = 0 is fine)
+        with np.errstate(divide="ignore"):
+            return -np.expm1(n * np.log1p(-special.betaincc(a, b, t * t)))
+
+    # Quantiles of the maximum: P(max <= t) = F(t)^n = q  <=>  1 - F(t) = 1 - q^(1/n).
+    qs = (1e-15, 1e-6, 0.01, 0.5, 0.99, 1 - 1e-6, 1 - 1e-15)
+    knots = [0.0] + [float(np.sqrt(special.betainccinv(a, b, -np.expm1(np.log(q) / n)))) for q in qs] + [1.0]
+    knots = np.clip(np.sort(knots), 0.0, 1.0)
+    return float(sum(integrate.quad(tail, lo, hi, limit=200, epsabs=1e-13, epsrel=1e-11)[0]
+                     for lo, hi in zip(knots[:-1], knots[1:]) if hi > lo))
+
+
+def random_baseline(d: int, n_a: int, n_b: int | None = None) -> float:
+    """Exact expected PWMCC of two independent isotropic random dictionaries ``[n_a, d]``, ``[n_b, d]``.
+
+    ``E[PWMCC] = 1/2 (E[max of n_b |cos|] + E[max of n_a |cos|])`` (see
+    :func:`expected_max_abs_cos`): each row's maximum is over independent partners. This is the
+    chance level the stability studies compare against (e.g. 0.30 for d=128, n=1024).
+    """
+    n_b = n_a if n_b is None else n_b
+    return 0.5 * (expected_max_abs_cos(d, n_b) + expected_max_abs_cos(d, n_a))
+
+
+def random_dictionaries(shape, *, key=0) -> np.ndarray:
+    """Isotropic random dictionaries of ``shape`` (``[..., n, d]``): i.i.d. N(0, 1) rows, whose
+    directions are uniform on the sphere. ``key``: a jax PRNG key or an int seed."""
+    key = jax.random.PRNGKey(key) if isinstance(key, (int, np.integer)) else key
+    return np.asarray(jax.random.normal(key, tuple(shape), dtype=np.float32))
+
+
+def simulate_baseline(d: int, n_a: int, n_b: int | None = None, *, trials: int = 8, key=0) -> tuple[float, float]:
+    """Monte Carlo PWMCC of ``trials`` independent random pairs: ``(mean, standard error)``."""
+    n_b = n_a if n_b is None else n_b
+    check(int(trials) >= 2, f"trials must be >= 2, got {trials}")
+    key = jax.random.PRNGKey(key) if isinstance(key, (int, np.integer)) else key
+    vals = []
+    for k in jax.random.split(key, int(trials)):
+        ka, kb = jax.random.split(k)
+        st = pair_stats(random_dictionaries((n_a, d), key=ka), random_dictionaries((n_b, d), key=kb), top_k=1)
+        vals.append(0.5 * (float(np.mean(st.row_max)) + float(np.mean(st.col_max))))
+    vals = np.asarray(vals)
+    return float(vals.mean()), float(vals.std(ddof=1) / np.sqrt(vals.size))
