@@ -115,15 +115,16 @@ def test_auxk_skip_is_exact():
     """Members with and without dead latents, vmapped with the shared skip predicate = each alone."""
     cfg, p, x, rng = random_problem()
     params = jax.tree.map(lambda a: jnp.stack([a, a * 1.01, a * 0.99]), p)
-    for dead in (np.stack([np.zeros(96, bool), rng.random(96) < 0.3, np.zeros(96, bool)]), np.zeros((3, 96), bool)):
-        for kernel in ("dense", "sparse"):
-            c = cfg.replace(kernel=kernel)
-            tc = TrainConfig(steps=1)
-            fn = jax.vmap(lambda p_, dd: train_mod._loss_and_grads(c, tc, p_, x, HP, dd, 1.0, "m"), axis_name="m")
-            (loss, (metrics, _, _)), grads = jax.jit(fn)(params, jnp.asarray(dead))
+    tc = TrainConfig(steps=1)
+    for kernel in ("dense", "sparse"):
+        c = cfg.replace(kernel=kernel)
+        fn = jax.jit(jax.vmap(lambda p_, dd: train_mod._loss_and_grads(c, tc, p_, x, HP, dd, 1.0, "m"), axis_name="m"))
+        ref = jax.jit(jax.value_and_grad(partial(sae.loss, c), has_aux=True))
+        for dead in (np.stack([np.zeros(96, bool), rng.random(96) < 0.3, np.zeros(96, bool)]), np.zeros((3, 96), bool)):
+            (loss, (metrics, _, _)), grads = fn(params, jnp.asarray(dead))
             for m in range(3):
                 one = jax.tree.map(lambda a: a[m], params)
-                (l1, (m1, _, _)), g1 = jax.value_and_grad(partial(sae.loss, c), has_aux=True)(one, x, HP, jnp.asarray(dead[m]), 1.0)
+                (l1, (m1, _, _)), g1 = ref(one, x, HP, jnp.asarray(dead[m]), 1.0)
                 np.testing.assert_allclose(loss[m], l1, rtol=1e-6)
                 np.testing.assert_allclose(metrics["aux"][m], m1["aux"], rtol=1e-6, atol=1e-9)
                 assert rel_err(jax.tree.map(lambda a: a[m], grads), g1) < 1e-5
@@ -180,16 +181,17 @@ def test_auto_groups_fewest_that_fit(monkeypatch, capsys):
 
 
 def test_auto_split_equals_one_group(monkeypatch, capsys):
-    cfg = SAEConfig(d_in=16, d_sae=32, k=3, kernel="sparse", dead_tokens=1024)
+    """A memory budget for two members splits four seeds into two groups: same parameters.
+    (An explicit ``max_group`` is tested in test_train.py.)"""
+    cfg = SAEConfig(d_in=16, d_sae=32, k=3, kernel="sparse", dead_tokens=128)  # dead after a silent step
     tc = TrainConfig(batch_size=128, steps=60, lr=3e-3, log_every=10)
-    seeds = [0, 1, 2, 3, 4]
+    seeds = [0, 1, 2, 3]
     one = train(cfg, tc, SRC, seeds, progress=False)
     assert "groups" not in capsys.readouterr().out
     per = train_mod.member_bytes(cfg, tc)
     monkeypatch.setattr(train_mod, "memory_budget", lambda: (2 * min(tc.chunk_bytes, tc.chunk_steps * 128 * 16 * 4) + 2 * per, "test budget"))
     split = train(cfg, tc, SRC, seeds, progress=False)
-    assert "3 groups of at most 2" in capsys.readouterr().out
+    assert "2 groups of at most 2" in capsys.readouterr().out
     assert rel_err(split.params, one.params) <= 1e-6
     np.testing.assert_allclose(split.history["loss"], one.history["loss"], rtol=1e-6)
-    explicit = train(cfg, tc, SRC, seeds, progress=False, max_group=4)  # 4 + 1
-    assert rel_err(explicit.params, one.params) <= 1e-6
+    assert np.max(one.history["aux"]) > 0  # AuxK ran, in some groups earlier than in others
