@@ -54,7 +54,9 @@ def random_dictionaries(shape, *, key=0) -> np.ndarray:
 
 
 def simulate_baseline(d: int, n_a: int, n_b: int | None = None, *, trials: int = 8, key=0) -> tuple[float, float]:
-    """Monte Carlo PWMCC of ``trials`` independent random pairs: ``(mean, standard error)``."""
+    """Monte Carlo check of :func:`random_baseline`: ``(mean, standard error)`` of
+    ``PWMCC = 1/2 (mean_i max_j |cos| + mean_j max_i |cos|)`` over ``trials`` independent pairs of
+    isotropic Gaussian dictionaries ``[n_a, d]``, ``[n_b, d]`` (computed with the kernel)."""
     n_b = n_a if n_b is None else n_b
     check(int(trials) >= 2, f"trials must be >= 2, got {trials}")
     key = jax.random.PRNGKey(key) if isinstance(key, (int, np.integer)) else key

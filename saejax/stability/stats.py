@@ -130,7 +130,8 @@ def permutation_test(m, labels, *, n_perm: int = 2000, key=0) -> tuple[float, fl
 
 
 def seed_scores(m) -> np.ndarray:
-    """Per-seed mean of its off-diagonal row of ``M``: one value per seed, for effect sizes."""
+    """``h_i = mean_{j != i} M_ij``: one value per seed (the Hoeffding projection of the pairwise
+    mean), the unit to compare conditions with, e.g. by :func:`cohens_d`."""
     m = _check_square(m)
     off = ~np.eye(m.shape[0], dtype=bool)
     return np.array([m[i][off[i]].mean() for i in range(m.shape[0])])
