@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from saejax.errors import check
+from saejax.io import to_jsonable as _plain
 from saejax.stability.baseline import random_baseline, random_dictionaries
 from saejax.stability.kernel import PairStats, all_pairs, check_dictionary, check_mask, check_stack
 from saejax.stability.matching import Matching, match
@@ -45,22 +45,6 @@ class StabilityReport:
 
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), allow_nan=False, **kwargs)
-
-
-def _plain(x):
-    if isinstance(x, dict):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _plain(x.tolist())
-    if isinstance(x, (bool, np.bool_)):
-        return bool(x)
-    if isinstance(x, (int, np.integer)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        return None if not math.isfinite(float(x)) else float(x)
-    return x
 
 
 def stability_report(decoders, encoders=None, *, alive=None, latents=None, true_dictionary=None,
