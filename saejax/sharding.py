@@ -315,17 +315,8 @@ def all_pairs_sharded(dicts, *, mesh: Mesh | None = None, top_k: int = 8, chunk:
     from saejax.stability import kernel as K
 
     mesh = pair_mesh() if mesh is None else mesh
-    dicts = K.check_stack(dicts)
+    dicts, pairs, k, chunk, ok = K.all_pairs_inputs(dicts, top_k, chunk, pairs, alive)
     s, n, _ = dicts.shape
-    if pairs is None:
-        check(s >= 2, f"all_pairs needs at least 2 seeds, got {s}")
-        pairs = np.stack(np.triu_indices(s, 1), axis=1)
-    pairs = np.asarray(pairs, dtype=np.int32).reshape(-1, 2)
-    check(len(pairs) > 0, "pairs is empty; expected at least one (i, j) pair")
-    check(bool(((pairs >= 0) & (pairs < s)).all()), f"pairs must index seeds 0..{s - 1}, got {pairs.min()}..{pairs.max()}")
-    k = K._check_k(top_k, n, n)
-    chunk = K._check_chunk(chunk, n, n)
-    ok = K.check_mask(alive, (s, n), "alive")
     n_dev = mesh.shape[mesh.axis_names[0]]
     padded = pad_members(pairs, -(-len(pairs) // n_dev) * n_dev)
     fn = _sharded_kernel(mesh, k, chunk, bool(signed), alive is not None)

@@ -200,6 +200,13 @@ def all_pairs(dicts, *, top_k: int = 8, chunk: int | None = None, pairs=None, al
     ``O(chunk * n)`` plus the outputs (``O(P * n * k)``). ``pairs`` (``[P, 2]``) restricts the work to
     chosen pairs (e.g. only trained-vs-random pairs); ``alive`` (``[S, n]`` bool) masks dead latents.
     """
+    dicts, pairs, k, chunk, ok = all_pairs_inputs(dicts, top_k, chunk, pairs, alive)
+    stats = _all_pairs_jit(dicts, ok, pairs, k=k, chunk=chunk, signed=bool(signed), masked=alive is not None)
+    return AllPairs(pairs, stats)
+
+
+def all_pairs_inputs(dicts, top_k, chunk, pairs, alive):
+    """Validated ``(dicts, pairs [P, 2] int32, k, chunk, alive mask)`` for :func:`all_pairs`."""
     dicts = check_stack(dicts)
     s, n, _ = dicts.shape
     if pairs is None:
@@ -208,11 +215,7 @@ def all_pairs(dicts, *, top_k: int = 8, chunk: int | None = None, pairs=None, al
     pairs = np.asarray(pairs, dtype=np.int32).reshape(-1, 2)
     check(len(pairs) > 0, "pairs is empty; expected at least one (i, j) pair")
     check(bool(((pairs >= 0) & (pairs < s)).all()), f"pairs must index seeds 0..{s - 1}, got {pairs.min()}..{pairs.max()}")
-    k = _check_k(top_k, n, n)
-    chunk = _check_chunk(chunk, n, n)
-    ok = check_mask(alive, (s, n), "alive")
-    stats = _all_pairs_jit(dicts, ok, pairs, k=k, chunk=chunk, signed=bool(signed), masked=alive is not None)
-    return AllPairs(pairs, stats)
+    return dicts, pairs, _check_k(top_k, n, n), _check_chunk(chunk, n, n), check_mask(alive, (s, n), "alive")
 
 
 def _check_k(top_k, n_a: int, n_b: int) -> int:
