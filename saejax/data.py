@@ -35,6 +35,24 @@ class Source(Protocol):
     def heldout(self) -> np.ndarray: ...
 
 
+@dataclass(frozen=True)
+class SourcePlan:
+    """What a source spec knows before anything is built: the dry run prints it, the plan uses it.
+
+    Computed from configs and the cache only (no model is loaded, nothing is downloaded,
+    extracted or trained), so every experiment can be planned offline.
+    """
+
+    d_in: int
+    """Width of the activations."""
+    n_tokens: int | None
+    """Training tokens (one epoch) once built, or ``None`` for an endless source."""
+    lines: tuple[str, ...] = ()
+    """What building it will do: download, extract (tokens, disk size), or train; or that it is cached."""
+    missing: str | None = None
+    """One line saying what is missing to build it here (e.g. a model not downloaded while offline)."""
+
+
 def epoch_indices(n: int, batch_size: int, *, seed: int) -> Iterator[np.ndarray]:
     """Endless stream of index batches over ``range(n)``: one fresh permutation per epoch.
 
