@@ -49,8 +49,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import torch  # noqa: E402
-
 import torch_reference  # noqa: E402
+
 from saejax import ArraySource, SAEConfig, TrainConfig  # noqa: E402
 from saejax import train as train_mod  # noqa: E402
 

@@ -34,8 +34,8 @@ import secrets
 import shutil
 import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -71,6 +71,22 @@ def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def storage_dtype(name: str) -> np.dtype:
+    """On-disk dtype of a stored dtype name; ``bfloat16`` is stored as its uint16 bit pattern."""
+    return np.dtype(np.uint16) if name == "bfloat16" else np.dtype(name)
+
+
+def to_bf16_bits(x) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounding to nearest even."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def from_bf16_bits(b) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32, exactly."""
+    return (np.asarray(b).astype(np.uint32) << 16).view(np.float32)
 
 
 class _HashingFile:
@@ -116,7 +132,7 @@ class CacheWriter:
     def __init__(self, final: Path, fingerprint: dict, d_in: int, *, dtype: str = "float32",
                  shard_rows: int | None = None):
         self.final, self.fingerprint, self.d_in = Path(final), fingerprint, int(d_in)
-        self.dtype = np.dtype(dtype)
+        self.dtype_name, self.dtype = str(dtype), storage_dtype(str(dtype))
         self.shard_rows = int(shard_rows or max(1, SHARD_BYTES // (self.d_in * self.dtype.itemsize)))
         check(self.shard_rows > 0, f"shard_rows must be positive, got {shard_rows}")
         self.final.parent.mkdir(parents=True, exist_ok=True)
@@ -142,7 +158,7 @@ class CacheWriter:
         return sum(s["rows"] for s in self.shards) + self.fill
 
     def append(self, rows: np.ndarray) -> None:
-        rows = np.asarray(rows)
+        rows = to_bf16_bits(rows) if self.dtype_name == "bfloat16" else np.asarray(rows)
         check(rows.ndim == 2 and rows.shape[1] == self.d_in,
               f"cache rows must be [n, {self.d_in}], got shape {rows.shape}")
         while len(rows):
@@ -176,7 +192,7 @@ class CacheWriter:
         check(self.shards, f"refusing to commit an empty cache entry {self.final.name}")
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": self.fingerprint,
-            "d_in": self.d_in, "dtype": self.dtype.name, "n_tokens": self.n_rows,
+            "d_in": self.d_in, "dtype": self.dtype_name, "n_tokens": self.n_rows,
             "shards": self.shards, "extras": self.extras, **extra,
         }
         with open(self.tmp / "manifest.json", "w") as f:
@@ -253,7 +269,8 @@ class CachedActivations:
         m = read_manifest(self.path)
         check(m is not None, f"no complete activation cache at {self.path} (missing or invalid manifest.json)")
         self.manifest = m
-        dtype = np.dtype(m["dtype"])
+        dtype = storage_dtype(m["dtype"])
+        self._decode = from_bf16_bits if m["dtype"] == "bfloat16" else np.asarray
         self.shards = [_open_shard(self.path / r["file"], r, m["d_in"], dtype, verify) for r in m["shards"]]
         self._starts = np.cumsum([0] + [len(s) for s in self.shards])
         total = int(self._starts[-1])
@@ -263,7 +280,7 @@ class CachedActivations:
             check(0 < heldout_frac < 1, f"heldout_frac must be in (0, 1), got {heldout_frac}")
             n_heldout = max(1, int(round(heldout_frac * total)))
         if n_heldout is None:
-            n_heldout = min(8192, max(1, total // 10))
+            n_heldout = default_heldout(total)
         check(0 <= n_heldout < total, f"n_heldout must be in [0, {total}) for cache {self.path.name}, got {n_heldout}")
         self.n_total, self.n_heldout = total, int(n_heldout)
         self._held: np.ndarray | None = None
@@ -292,9 +309,9 @@ class CachedActivations:
             if hi > lo:
                 local = rows[lo:hi] - self._starts[i]
                 if (np.diff(local) == 1).all():  # one contiguous run: a slice, no gather
-                    out[lo:hi] = shard[local[0] : local[-1] + 1]
+                    out[lo:hi] = self._decode(shard[local[0] : local[-1] + 1])
                 else:
-                    out[lo:hi] = shard[local]
+                    out[lo:hi] = self._decode(shard[local])
         return out
 
     def batches(self, batch_size: int, *, seed: int) -> Iterator[np.ndarray]:
@@ -370,3 +387,8 @@ def prefetch(batches: Iterator, size: int = 2, *, to_device: bool = False) -> It
             yield item
     finally:
         stop.set()
+
+
+def default_heldout(total: int) -> int:
+    """Held-out rows of a cache of ``total`` rows when none are asked for: 10%, at most 8192."""
+    return min(8192, max(1, total // 10))

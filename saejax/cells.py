@@ -1,42 +1,100 @@
-"""Running one unit of an experiment grid: train, snapshot, evaluate, measure, export.
+"""The cell pipeline: train one unit of a plan (or resume it), then run the experiment's
+analyses on each of its cells and return one summary record per cell.
 
-Everything a unit writes lives in ``OUT/units/<unit>/`` (checkpoints, snapshots, ``done.json``)
-and ``OUT/cells/<cell>/`` (stability report, histories, SAEs in the SAELens layout). Files are
-written atomically and ``done.json`` last, so a unit either counts as finished or is resumed from
-its Orbax checkpoint; re-running a finished unit only reads ``done.json``.
+Analyses come from :data:`ANALYSES` (a registry: name -> :class:`Analysis`); ``stability`` always
+runs, the others (``splice``, ``probe``) ask the source spec, which says at plan time whether it
+supports them (:func:`check_analyses`). Files go through :class:`saejax.store.RunStore`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import shutil
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saejax import sae, sharding, stability
+from saejax import archs, sae, stability
 from saejax.checkpoint import Checkpointer
-from saejax.experiment import Experiment, Modular, Unit
-from saejax.io import read_json, save_saelens, write_json, write_npz
-from saejax.train import evaluate, train
-
-SNAPSHOT_KEYS = ("params", "threshold", "since_fired")
-
-
-def unit_steps(exp: Experiment, unit: Unit, n_tokens: int | None) -> list[int]:
-    """Optimiser steps of each training length of the unit."""
-    return [exp.train_config(length).total_steps(n_tokens) for length in unit.lengths]
+from saejax.errors import ConfigError
+from saejax.experiment import Cell, Experiment, Unit
+from saejax.plan import unit_key
+from saejax.stability.kernel import pair_mesh
+from saejax.store import RunStore
+from saejax.train import TrainResult, evaluate, train
 
 
-def dynamics_steps(exp: Experiment, total: int) -> list[int]:
-    """Evenly spaced steps (0 and the end included) at which cross-seed PWMCC is measured."""
-    if exp.dynamics <= 0:
-        return []
-    return sorted({int(round(v)) for v in np.linspace(0, total, exp.dynamics)})
+@dataclass(frozen=True)
+class CellContext:
+    """Everything an analysis of one cell may read."""
+
+    exp: Experiment
+    unit: Unit
+    cell: Cell
+    seeds: tuple[int, ...]  # the cell's seeds that trained without failing
+    view: TrainResult  # those seeds (leading axis = seeds), at the cell's step
+    ev: dict  # :func:`saejax.train.evaluate` on the held-out rows, with latents
+    heldout: np.ndarray
+    source: object  # the built source
+    rand: dict  # random control: decoders, encoders
+    store: RunStore
+    cache_dir: object = None
 
 
+@dataclass(frozen=True)
+class Analysis:
+    name: str
+    run: Callable[[CellContext], dict]
+    """``ctx -> record columns``; may write files through ``ctx.store``."""
+    needs_source: bool = False
+    """Asks the source spec (``supports(name)`` / ``downstream(...)``), e.g. a model to splice into."""
+
+
+def _stability(ctx: CellContext) -> dict:
+    dec, enc = ctx.view.decoders(), ctx.view.encoders()
+    seeds = list(ctx.seeds)
+    report = stability.stability_report(dec, enc, alive=ctx.ev["alive"], latents=ctx.ev["latents"],
+                                        true_dictionary=ctx.source.true_dictionary, seeds=seeds,
+                                        random_control=ctx.rand["decoders"], mesh=pair_mesh())
+    ctx.store.write_cell(ctx.cell.id, "report", report.to_dict())
+    ctx.store.write_cell(ctx.cell.id, "matched", {  # first seed pair, trained and random, for the histogram
+        "seeds": seeds[:2], "trained": stability.match(dec[0], dec[1]).abs_cos,
+        "random": stability.match(ctx.rand["decoders"][0], ctx.rand["decoders"][1]).abs_cos})
+    return report.summary
+
+
+def _downstream(name: str) -> Callable[[CellContext], dict]:
+    def run(ctx: CellContext) -> dict:
+        raw = ctx.view.raw_params()
+        cols, full = ctx.exp.source.downstream(ctx.unit.sae, raw, ctx.view.threshold, list(ctx.seeds),
+                                               analyses=(name,), cache_dir=ctx.cache_dir)
+        ctx.store.write_cell(ctx.cell.id, name, full)
+        return cols
+
+    return run
+
+
+ANALYSES: dict[str, Analysis] = {
+    "stability": Analysis("stability", _stability),
+    "splice": Analysis("splice", _downstream("splice"), needs_source=True),
+    "probe": Analysis("probe", _downstream("probe"), needs_source=True),
+}
+
+
+def check_analyses(exp: Experiment, cache_dir=None) -> None:
+    """Every requested analysis is supported by the source, or one :class:`ConfigError` says why."""
+    for name in exp.analyses:
+        if not ANALYSES[name].needs_source:
+            continue
+        supports = getattr(exp.source, "supports", None)
+        why = supports(name, cache_dir) if supports else f"{type(exp.source).__name__} sources have no model to run it on"
+        if why:
+            raise ConfigError(f"analysis {name!r} is not available for source {exp.source.describe()}: {why}")
+
+
+# ----------------------------------------------------------------------------- one unit
 def random_control(cfg, seeds, d_in: int, root_seed: int) -> dict:
     """Untrained, randomly initialised SAEs of the same shape (the empirical chance level)."""
     keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(root_seed + 1_000_003), s) for s in seeds])
@@ -44,121 +102,114 @@ def random_control(cfg, seeds, d_in: int, root_seed: int) -> dict:
     return {"decoders": np.asarray(params["W_dec"]), "encoders": np.asarray(params["W_enc"]).transpose(0, 2, 1)}
 
 
-def run_unit(exp: Experiment, unit: Unit, source, out: Path, *, progress: bool = True, log=print) -> list[dict]:
+def run_unit(exp: Experiment, unit: Unit, source, store: RunStore, *, progress: bool = True, log=print,
+             cache_dir=None) -> list[dict]:
     """Train ``unit`` (or resume it) and return one summary record per cell."""
-    udir = out / "units" / unit.id
-    if (udir / "done.json").exists():
-        return read_json(udir / "done.json")["cells"]
-    steps = unit_steps(exp, unit, source.n_tokens)
-    total = max(steps)
-    dyn = dynamics_steps(exp, total)
-    snap_dir = udir / "snapshots"
-
-    def on_stop(group: int, step: int, state) -> None:
-        path = snap_dir / f"step{step}-g{group}.npz"
-        if path.exists():
-            return
-        if step in steps:
-            flat = {f"params/{k}": v for k, v in state.params.items()}
-            write_npz(path, threshold=state.threshold, since_fired=state.since_fired, **flat)
-        else:
-            write_npz(path, **{"params/W_dec": state.params["W_dec"]})
-
-    tc = exp.train_config(unit.lengths[steps.index(total)])
+    udir = store.unit_dir(unit.id, unit_key(exp, unit))
+    done = store.done(udir)
+    if done is not None:
+        return done
+    lengths_steps = {c.step for c in unit.cells}
     ckpt = Checkpointer(udir / "ckpt", exp.checkpoint_every)
-    result = train(unit.sae, tc, source, exp.seeds, sweep=unit.sweep, progress=progress,
-                   stops=sorted(set(dyn) | set(steps)), on_stop=on_stop, checkpoint=ckpt)
+    result = train(unit.sae, unit.train, source, exp.seeds, sweep=unit.sweep, progress=progress,
+                   stops=unit.stops, checkpoint=ckpt,
+                   on_stop=lambda g, step, st: store.save_snapshot(udir, g, step, st, step in lengths_steps))
     ckpt.close()
     heldout = np.asarray(source.heldout()[: exp.heldout_tokens], np.float32)
-    rand = random_control(unit.sae, exp.seeds, unit.sae.d_in, tc.root_seed)
+    rand = random_control(unit.sae, exp.seeds, unit.sae.d_in, unit.train.root_seed)
     eff_rank = stability.effective_rank(heldout[:4096])
     records = []
-    n = len(exp.seeds)
-    for h, coef in enumerate(unit.coefs):
-        for length, step in zip(unit.lengths, steps):
-            view = result.select(h)
-            if step != total:
-                snap = _load_snapshot(snap_dir, step)
-                view = dataclasses.replace(view, params={k: v[h * n:(h + 1) * n] for k, v in snap["params"].items()},
-                                           threshold=snap["threshold"][h * n:(h + 1) * n])
-            cell = unit.cell_id(coef, length)
-            records.append(_analyse_cell(exp, unit, cell, coef, length, step, view, heldout, source, rand,
-                                         eff_rank, _dynamics(snap_dir, sorted(set(dyn) | set(steps)), step, h, n), out))
-            log(_headline(records[-1]))
-    write_json(udir / "done.json", {"cells": records})
-    shutil.rmtree(udir / "ckpt", ignore_errors=True)  # finished: the checkpoint is no longer needed
+    for cell in unit.cells:
+        view = _cell_view(result, store, udir, unit, cell, len(exp.seeds))
+        keep = [i for i in range(len(exp.seeds)) if view.failed.get(i, cell.step) >= cell.step]
+        failed = [exp.seeds[i] for i in range(len(exp.seeds)) if i not in keep]
+        if len(keep) < 2:
+            records.append(_failed_record(exp, unit, cell, failed, store))
+        else:
+            view = _members(view, keep)
+            ctx = CellContext(exp, unit, cell, view.seeds, view, evaluate(view, heldout, keep_latents=True), heldout,
+                              source, rand, store, cache_dir)
+            dyn = _dynamics(store, udir, unit, cell, len(exp.seeds), keep)
+            records.append({**_record(ctx, eff_rank, dyn), "failed_seeds": failed,
+                            "status": "ok" if not failed else f"{len(failed)} of {len(exp.seeds)} seeds failed"})
+            store.write_cell(cell.id, "cell", records[-1])
+        log(headline(records[-1]))
+    store.finish(udir, records)
     return records
 
 
-def _load_snapshot(snap_dir: Path, step: int) -> dict:
-    parts = sorted(snap_dir.glob(f"step{step}-g*.npz"), key=lambda p: int(p.stem.split("-g")[1]))
-    loaded = [dict(np.load(p)) for p in parts]
-    cat = {k: np.concatenate([d[k] for d in loaded]) for k in loaded[0]}
-    out = {"params": {k.split("/", 1)[1]: v for k, v in cat.items() if k.startswith("params/")}}
-    out.update({k: v for k, v in cat.items() if not k.startswith("params/")})
-    return out
+def _cell_view(result: TrainResult, store: RunStore, udir, unit: Unit, cell: Cell, n: int) -> TrainResult:
+    view = result.select(cell.point)
+    if cell.step == unit.total:
+        return view
+    snap = store.load_snapshot(udir, cell.step)
+    sl = slice(cell.point * n, (cell.point + 1) * n)
+    return dataclasses.replace(view, params={k: v[sl] for k, v in snap["params"].items()}, threshold=snap["threshold"][sl])
 
 
-def _dynamics(snap_dir: Path, dyn: list[int], upto: int, h: int, n: int) -> list[dict]:
-    """Cross-seed PWMCC at each snapshot step up to ``upto`` (training dynamics)."""
-    rows = []
-    for step in dyn:
-        if step > upto:
-            break
-        dec = _load_snapshot(snap_dir, step)["params"]["W_dec"][h * n:(h + 1) * n]
-        pairs = [(i, j) for i in range(len(dec)) for j in range(i + 1, len(dec))]
-        rows.append({"step": step, "pwmcc": float(np.mean([stability.pwmcc(dec[i], dec[j]) for i, j in pairs]))})
-    return rows
+def _members(view: TrainResult, keep: list[int]) -> TrainResult:
+    """The seeds ``keep`` (indices) of a one-point view."""
+    if len(keep) == len(view.seeds):
+        return dataclasses.replace(view, failed={})
+    idx = np.asarray(keep)
+    return dataclasses.replace(
+        view, seeds=tuple(view.seeds[i] for i in keep), params=jax.tree.map(lambda a: a[idx], view.params),
+        threshold=view.threshold[idx], since_fired=view.since_fired[idx],
+        history={k: v[idx] for k, v in view.history.items()}, failed={})
 
 
-def _analyse_cell(exp, unit, cell, coef, length, step, view, heldout, source, rand, eff_rank, dynamics, out):
-    ev = evaluate(view, heldout, keep_latents=True)
-    dec, enc = view.decoders(), view.encoders()
-    measure = sharding.stability_report_sharded if jax.device_count() > 1 else stability.stability_report
-    report = measure(
-        dec, enc, alive=ev["alive"], latents=ev["latents"], true_dictionary=source.true_dictionary,
-        seeds=list(exp.seeds), random_control=rand["decoders"])
-    cdir = out / "cells" / cell
-    write_json(cdir / "report.json", report.to_dict())
-    # matched |cos| of the first seed pair, trained and random control, for the histogram figure
-    write_json(cdir / "matched.json", {
-        "seeds": list(exp.seeds[:2]),
-        "trained": stability.match(dec[0], dec[1]).abs_cos,
-        "random": stability.match(rand["decoders"][0], rand["decoders"][1]).abs_cos})
-    at = int(np.searchsorted(view.log_steps, step, side="right"))
-    write_json(cdir / "history.json", {"step": view.log_steps[:at], **{k: v[:, :at] for k, v in view.history.items()},
-                                       "dynamics": dynamics, "seeds": list(exp.seeds)})
-    raw = view.raw_params()
-    for i, seed in enumerate(exp.seeds):
-        save_saelens(cdir / "saes" / f"seed{seed}", unit.sae, {k: np.asarray(v[i]) for k, v in raw.items()},
-                     threshold=float(view.threshold[i]), metadata={"seed": seed, "cell": cell, "step": step,
-                                                                  "source": exp.source.describe()})
-    last = at - 1
-    record = {
-        "cell": cell, "arch": unit.sae.arch, "d_sae": unit.sae.d_sae, "d_in": unit.sae.d_in,
-        "k": unit.sae.k if unit.sae.arch in ("topk", "batchtopk") else None,
-        "sparsity_coef": coef, exp.length_unit: length, "steps": step, "n_seeds": len(exp.seeds),
-        **report.summary,
-        "effective_rank_pr": eff_rank["participation_ratio"], "effective_rank_entropy": eff_rank["entropy_rank"],
-        "explained_variance": float(np.mean(ev["ev"])), "mse": float(np.mean(ev["mse"])),
-        "l0": float(np.mean(ev["l0"])), "dead_fraction": float(np.mean(ev["dead_frac"])),
-        "train_fvu": float(np.mean(view.history["fvu"][:, last])) if last >= 0 else None,
-        "failed_seeds": [exp.seeds[m] for m in view.failed],
-    }
-    if dynamics:
-        record["pwmcc_at_start"] = dynamics[0]["pwmcc"]
-    wanted = tuple(a for a in exp.analyses if a in ("splice", "probe"))
-    if wanted and isinstance(exp.source, Modular):
-        from saejax.downstream import modular_downstream
-
-        cols, down = modular_downstream(exp.source, unit.sae, raw, view.threshold, list(exp.seeds), analyses=wanted)
-        write_json(cdir / "downstream.json", down)
-        record.update(cols)
-    write_json(cdir / "cell.json", record)
+def _failed_record(exp: Experiment, unit: Unit, cell: Cell, failed: list, store: RunStore) -> dict:
+    """A cell with fewer than 2 healthy seeds: its configuration, the failure, and no metrics."""
+    record = {**_config_columns(exp, unit, cell), "n_seeds": len(exp.seeds) - len(failed), "failed_seeds": failed,
+              "status": f"failed: {len(failed)} of {len(exp.seeds)} seeds diverged or hit non-finite values"}
+    store.write_cell(cell.id, "cell", record)
     return record
 
 
-def _headline(r: dict) -> str:
+def _dynamics(store: RunStore, udir, unit: Unit, cell: Cell, n: int, keep: list[int]) -> list[dict]:
+    """Cross-seed PWMCC at each snapshot step up to the cell's (training dynamics), with the kernel."""
+    rows = []
+    idx = cell.point * n + np.asarray(keep)
+    for step in unit.stops:
+        if step > cell.step:
+            break
+        ap = stability.all_pairs(store.load_snapshot(udir, step)["params"]["W_dec"][idx], top_k=1)
+        per_pair = [stability.metrics.pwmcc_from_stats(jax.tree.map(lambda a, p=p: a[p], ap.stats))
+                    for p in range(len(ap.pairs))]
+        rows.append({"step": step, "pwmcc": float(np.mean(per_pair))})
+    return rows
+
+
+def _record(ctx: CellContext, eff_rank: dict, dynamics: list[dict]) -> dict:
+    exp, unit, cell, view, ev = ctx.exp, ctx.unit, ctx.cell, ctx.view, ctx.ev
+    at = int(np.searchsorted(view.log_steps, cell.step, side="right"))
+    ctx.store.write_cell(cell.id, "history", {"step": view.log_steps[:at], **{k: v[:, :at] for k, v in view.history.items()},
+                                              "dynamics": dynamics, "seeds": list(ctx.seeds)})
+    ctx.store.export_saes(cell.id, unit.sae, view.raw_params(), view.threshold, ctx.seeds,
+                          {"cell": cell.id, "step": cell.step, "source": exp.source.describe()})
+    record = {**_config_columns(exp, unit, cell), "n_seeds": len(ctx.seeds)}
+    for name in dict.fromkeys(("stability", *exp.analyses)):
+        record.update(ANALYSES[name].run(ctx))
+    last = at - 1
+    record.update({
+        "effective_rank_pr": eff_rank["participation_ratio"], "effective_rank_entropy": eff_rank["entropy_rank"],
+        "explained_variance": float(np.mean(ev["ev"])), "mse": float(np.mean(ev["mse"])),
+        "l0": float(np.mean(ev["l0"])), "dead_fraction": float(np.mean(ev["dead_frac"])),
+        "train_fvu": float(np.mean(view.history["fvu"][:, last])) if last >= 0 else None})
+    if dynamics:
+        record["pwmcc_at_start"] = dynamics[0]["pwmcc"]
+    return record
+
+
+def _config_columns(exp: Experiment, unit: Unit, cell: Cell) -> dict:
+    return {"cell": cell.id, "arch": unit.sae.arch, "d_sae": unit.sae.d_sae, "d_in": unit.sae.d_in,
+            "k": unit.sae.k if archs.get(unit.sae.arch).uses_k else None, "sparsity_coef": cell.coef,
+            **({"lr": cell.lr} if cell.lr is not None else {}), exp.length_unit: cell.length, "steps": cell.step}
+
+
+def headline(r: dict) -> str:
+    if r.get("pwmcc") is None:
+        return f"  {r['cell']:<28} {r['status']} (seeds {r['failed_seeds']})"
     return (f"  {r['cell']:<28} PWMCC {r['pwmcc']:.3f} [{r['pwmcc_ci_low']:.3f}, {r['pwmcc_ci_high']:.3f}]"
             f"  random {r['random_pwmcc']:.3f}  ratio {r['pwmcc_ratio']:.2f}x  Hungarian {r['hungarian_mean']:.3f}"
             f"  EV {r['explained_variance']:.3f}  L0 {r['l0']:.1f}  dead {r['dead_fraction']:.2f}")

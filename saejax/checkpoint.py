@@ -1,7 +1,9 @@
 """Mid-training checkpoints with Orbax, so a killed run resumes where it stopped.
 
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a kill
-during a save leaves the previous checkpoint as the latest valid one.
+during a save leaves the previous checkpoint as the latest valid one. The last two are kept, and
+a restore falls back to the older one when the newer cannot be read (a truncated file after a
+kill or a full disk); when none can, one line names the directory to delete.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from pathlib import Path
 
 import jax
 import numpy as np
+
+from saejax.errors import ConfigError
 
 
 class Checkpointer:
@@ -24,7 +28,7 @@ class Checkpointer:
         import orbax.checkpoint as ocp
 
         if group not in self._managers:
-            opts = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False)
+            opts = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
             self._managers[group] = ocp.CheckpointManager(self.directory / f"group{group}", options=opts)
         return self._managers[group]
 
@@ -44,14 +48,22 @@ class Checkpointer:
         if not (self.directory / f"group{group}").exists():
             return None
         mngr = self._manager(group)
-        step = mngr.latest_step()
-        if step is None:
+        steps = sorted(mngr.all_steps(), reverse=True)
+        if not steps:
             return None
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), like_state)
-        out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                         logs=ocp.args.StandardRestore()))
-        logs = jax.tree.map(np.asarray, out["logs"])
-        return int(step), out["state"], logs["history"], logs["log_steps"]
+        for step in steps:  # the newest that reads back: a kill or a full disk may have broken one
+            try:
+                out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                 logs=ocp.args.StandardRestore()))
+            except Exception as e:  # corrupt or truncated: fall back to the previous save
+                print(f"warning: checkpoint {self.directory / f'group{group}' / str(step)} is unreadable "
+                      f"({type(e).__name__}); trying an older one")
+                continue
+            logs = jax.tree.map(np.asarray, out["logs"])
+            return int(step), out["state"], logs["history"], logs["log_steps"]
+        raise ConfigError(f"no checkpoint in {self.directory} can be read (all {len(steps)} are corrupt); "
+                          "delete that directory to retrain this unit from the start")
 
     def close(self) -> None:
         for m in self._managers.values():

@@ -1,10 +1,12 @@
-"""``python -m saejax.compare DIR [DIR ...]``: stability between SAEs saved in the SAELens layout.
+"""``python -m saejax.compare SAE SAE [SAE ...]``: stability between saved or pretrained SAEs.
 
-For pretrained SAEs (e.g. Gemma Scope widths 16k/32k/65k of one layer, or one width at several
-layers, downloaded to local directories) or SAEs exported by the runner. For every pair, smaller
-dictionary first: decoder PWMCC (both directions), the smaller SAE's mean best |cos| in the larger
-and its fractions above 0.8 / 0.9 (the Gemma Scope notebook's cross-width table), and the exact
-random baseline of the same shapes with the ratio.
+Each SAE is a local directory or ``params.npz`` file in a format that
+:func:`saejax.pretrained.load_sae` reads: Gemma Scope, SAELens (also the runner's exports),
+EleutherAI sparsify (a hookpoint's subdirectory) or dictionary_learning; e.g. Gemma Scope widths
+16k/32k/65k of one layer, or one width at several layers. For every pair, smaller dictionary
+first: decoder PWMCC (both directions), the smaller SAE's mean best |cos| in the larger and its
+fractions above 0.8 / 0.9 (the Gemma Scope notebook's cross-width table), and the exact random
+baseline of the same shapes with the ratio.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from saejax.errors import ConfigError
-from saejax.io import load_saelens, write_json
+from saejax.io import write_json
+from saejax.pretrained import load_sae
 
 
 def compare(dirs: list[str | Path]) -> list[dict]:
@@ -25,7 +28,7 @@ def compare(dirs: list[str | Path]) -> list[dict]:
 
     if len(dirs) < 2:
         raise ConfigError(f"compare needs at least 2 SAE directories, got {len(dirs)}")
-    loaded = [(str(d), load_saelens(d)) for d in dirs]
+    loaded = [(str(d), load_sae(d)[:2]) for d in dirs]
     rows = []
     for i in range(len(loaded)):
         for j in range(i + 1, len(loaded)):
@@ -45,7 +48,8 @@ def compare(dirs: list[str | Path]) -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m saejax.compare", description=__doc__.split("\n\n")[1])
-    p.add_argument("dirs", nargs="+", help="SAELens-layout directories (cfg.json + sae_weights.safetensors)")
+    p.add_argument("dirs", nargs="+",
+                   help="SAE directories or params.npz files (Gemma Scope, SAELens, sparsify, dictionary_learning)")
     p.add_argument("--json", help="also write the records to this file")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:

@@ -5,12 +5,93 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
+import typing
 from dataclasses import dataclass
+from typing import Literal
 
+import numpy as np
+
+from saejax import archs
 from saejax.errors import ConfigError, check
 
-ARCHS = ("topk", "batchtopk", "relu", "jumprelu")
-TOPK_FAMILY = ("topk", "batchtopk")
+
+def _describe(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return " or ".join(repr(a) for a in args)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_describe(a) for a in args)
+    if origin is tuple:
+        return f"a tuple of {_describe(args[0])}" if len(args) == 2 and args[1] is Ellipsis else \
+            f"a tuple ({', '.join(_describe(a) for a in args)})"
+    return {int: "an integer", float: "a finite number", bool: "True or False", str: "a string",
+            dict: "a dict", type(None): "None"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _conform(value, tp):
+    """``value`` as type ``tp`` (a list becomes a tuple), or raise TypeError."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is typing.Any:
+        return value
+    if origin is typing.Literal:
+        if value in args and isinstance(value, str):
+            return value
+    elif origin in (types.UnionType, typing.Union):
+        for a in args:
+            try:
+                return _conform(value, a)
+            except TypeError:
+                pass
+    elif origin is tuple and isinstance(value, (tuple, list)):
+        items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        if len(items) == len(value):
+            return tuple(_conform(v, t) for v, t in zip(value, items))
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
+    elif tp is int:
+        if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)) \
+                and np.isfinite(value):
+            return value
+    elif isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise TypeError
+
+
+def check_fields(obj) -> None:
+    """The one validator of field types: every init field of the dataclass ``obj`` must match its
+    annotation (ints are not floats' impostors: ``1.5`` is no ``int``, ``True`` no number, NaN and
+    inf no float). Lists given for tuple fields become tuples. Raises :class:`ConfigError`."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        if not f.init or f.name not in hints:
+            continue
+        value = getattr(obj, f.name)
+        try:
+            new = _conform(value, hints[f.name])
+        except TypeError:
+            raise ConfigError(f"{f.name} must be {_describe(hints[f.name])}, got {value!r}") from None
+        if new is not value and isinstance(new, tuple):
+            object.__setattr__(obj, f.name, new)
+
+
+def check_seeds(seeds) -> tuple[int, ...]:
+    """Distinct non-negative integer seeds."""
+    seeds = tuple(seeds)
+    check(len(seeds) > 0, "seed list is empty; give at least one integer seed")
+    for s in seeds:
+        check(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and 0 <= s < 2**31,
+              f"seeds must be integers in [0, 2**31), got {s!r}")
+    dup = sorted({s for s in seeds if seeds.count(s) > 1})
+    check(not dup, f"duplicate seeds {dup}: each seed must appear once")
+    return tuple(int(s) for s in seeds)
 
 
 def closest(name: str, options) -> str:
@@ -28,7 +109,7 @@ class SAEConfig:
     d_sae: int
     """Number of latents (dictionary size)."""
     arch: str = "topk"
-    """``topk`` (k latents per token; Gao et al. 2024), ``batchtopk`` (k·batch per batch; Bussmann
+    """An entry of :mod:`saejax.archs`: ``topk`` (k latents per token; Gao et al. 2024), ``batchtopk`` (k·batch per batch; Bussmann
     et al. 2024), ``relu`` (ReLU + L1; Bricken et al. 2023), ``jumprelu`` (Rajamanoharan et al. 2024)."""
     k: int = 32
     """Active latents per token for the TopK family."""
@@ -45,7 +126,7 @@ class SAEConfig:
     project the rows back to the sphere after every step (SAELens, sparsify, dictionary_learning)."""
     enc_init_transpose: bool = True
     """Initialise the encoder as the decoder's transpose (Gao et al. 2024; Conerly et al. 2024)."""
-    b_dec_init: str = "mean"
+    b_dec_init: Literal["mean", "median", "zeros"] = "mean"
     """Decoder bias initialisation: ``mean`` or ``median`` (geometric) of a data sample, or ``zeros``."""
     normalize_input: bool = True
     """Scale inputs to unit mean squared norm; the scale is folded back into the weights on export."""
@@ -55,19 +136,22 @@ class SAEConfig:
     """Weight of the AuxK loss."""
     dead_tokens: int = 1_000_000
     """A latent is dead if it has not fired in the last this-many training tokens."""
-    kernel: str = "dense"
+    kernel: Literal["dense", "sparse"] = "dense"
     """TopK family: ``dense`` matmuls or ``sparse`` gather/scatter-add decoding (same numbers)."""
 
     def __post_init__(self):
-        check(self.arch in ARCHS, f"unknown SAE architecture {self.arch!r}; expected one of {ARCHS}{closest(self.arch, ARCHS)}")
+        check_fields(self)
+        arch = archs.get(self.arch)
         check(isinstance(self.d_in, int) and self.d_in > 0, f"d_in must be a positive integer, got {self.d_in!r}")
         check(isinstance(self.d_sae, int) and self.d_sae > 0, f"d_sae must be a positive integer, got {self.d_sae!r}")
-        if self.arch in TOPK_FAMILY:
+        if arch.uses_k:
             check(isinstance(self.k, int) and 0 < self.k < self.d_sae,
                   f"k must satisfy 0 < k < d_sae={self.d_sae}, got k={self.k!r}")
         check(self.b_dec_init in ("mean", "median", "zeros"), f"b_dec_init must be 'mean', 'median' or 'zeros', got {self.b_dec_init!r}")
         check(self.kernel in ("dense", "sparse"), f"kernel must be 'dense' or 'sparse', got {self.kernel!r}")
-        check(self.kernel == "dense" or self.arch == "topk", f"kernel='sparse' is implemented for arch='topk' only, got arch={self.arch!r}")
+        check(self.kernel == "dense" or arch.sparse_step is not None,
+              f"kernel='sparse' is not implemented for arch={self.arch!r}; only for "
+              f"{[a.name for a in archs.REGISTRY.values() if a.sparse_step is not None]}")
         check(self.aux_k is None or self.aux_k >= 0, f"aux_k must be >= 0 or None, got {self.aux_k!r}")
         check(self.dead_tokens > 0, f"dead_tokens must be positive, got {self.dead_tokens!r}")
         for f in ("l1_coef", "l0_coef", "jump_bandwidth", "jump_init_threshold", "aux_coef"):
@@ -76,14 +160,14 @@ class SAEConfig:
     @property
     def n_aux(self) -> int:
         """Latents used by AuxK (0 when off or the architecture is not in the TopK family)."""
-        if self.arch not in TOPK_FAMILY:
+        if not archs.get(self.arch).uses_k:
             return 0
         n = self.d_in // 2 if self.aux_k is None else self.aux_k
         return min(n, self.d_sae)
 
     @property
     def sparsity_coef_name(self) -> str | None:
-        return {"relu": "l1_coef", "jumprelu": "l0_coef"}.get(self.arch)
+        return archs.get(self.arch).coef
 
     def replace(self, **kw) -> "SAEConfig":
         return dataclasses.replace(self, **kw)
@@ -106,7 +190,7 @@ class TrainConfig:
     eps: float = 1e-8
     warmup_steps: int = 0
     """Linear learning-rate warm-up from 0."""
-    decay: str = "constant"
+    decay: Literal["constant", "linear", "cosine"] = "constant"
     """Learning rate after warm-up: ``constant``, ``linear`` (to 0) or ``cosine`` (to 0)."""
     sparsity_warmup_steps: int = 0
     """Linear warm-up of the L1/L0 coefficient from 0 (ReLU and JumpReLU)."""
@@ -132,11 +216,12 @@ class TrainConfig:
     batch over ``batch`` (one entry may be -1: all remaining devices). ``None``: every device,
     on the member axis, with the spare factor on ``batch`` when there are fewer members than
     devices (see :func:`saejax.sharding.mesh_shape`)."""
-    compute_dtype: str = "float32"
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
     """``float32``, or ``bfloat16`` for activations and matmuls (master weights, gradients, Adam
     and all stability cosines stay float32). Off by default; pays off on TPUs and recent GPUs."""
 
     def __post_init__(self):
+        check_fields(self)
         check(self.batch_size > 0, f"batch_size must be positive, got {self.batch_size!r}")
         check((self.steps is None) != (self.epochs is None), f"give exactly one of steps or epochs, got steps={self.steps!r}, epochs={self.epochs!r}")
         check(self.steps is None or self.steps > 0, f"steps must be positive, got {self.steps!r}")

@@ -16,8 +16,9 @@ model organism are interchangeable.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -129,6 +130,9 @@ class SyntheticSource:
     true_dictionary: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self):
+        from saejax.config import check_fields
+
+        check_fields(self)
         check(self.d > 0, f"synthetic d must be positive, got {self.d}")
         check(self.n_features > 0, f"synthetic n_features must be positive, got {self.n_features}")
         check(0 < self.s <= self.n_features, f"synthetic s must be in [1, n_features={self.n_features}], got {self.s}")
@@ -156,3 +160,13 @@ class SyntheticSource:
 
     def heldout(self) -> np.ndarray:
         return self.sample(self.n_heldout, np.random.default_rng([self.dictionary_seed, 2]))
+
+    # as an experiment's source spec, the source is its own spec
+    def build(self, cache_dir=None, progress: bool = True) -> "SyntheticSource":
+        return self
+
+    def plan(self, cache_dir=None) -> SourcePlan:
+        return SourcePlan(self.d, None, (f"synthetic samples, generated on the fly ({self.n_features} features)",))
+
+    def describe(self) -> str:
+        return f"synthetic d={self.d} n_features={self.n_features} s={self.s}"

@@ -1,46 +1,35 @@
-"""Experiments: frozen descriptions of a grid of SAE trainings, and their expansion into cells.
+"""Experiments: frozen descriptions of a grid of SAE trainings, resolved into one :class:`Plan`.
 
 An experiment file is Python with ``get_config()`` (or a module-level ``config``) returning an
-:class:`Experiment`. The grid ``archs x widths x (k | coefficient) x lengths`` expands to *cells*
-(one record each in ``summary.json``). Cells that differ only in floats or training length share
-one *unit*, one compiled program: swept coefficients are a vmapped axis and shorter lengths are
-exact snapshots of the longest run (valid for a constant learning rate after warm-up; with a
-decaying schedule every length trains on its own).
+:class:`Experiment`. The grid ``archs x widths x (k | coefficient) x lrs x lengths`` expands to
+*cells* (one record each in ``summary.json``). Cells that differ only in floats or training
+length share one *unit*, one compiled program: swept coefficients and learning rates are a
+vmapped axis and shorter lengths are exact snapshots of the longest run (valid for a constant
+learning rate after warm-up; with a decaying schedule every length trains on its own).
+
+:meth:`Experiment.plan` resolves everything once (SAE and train configs, steps, snapshot steps,
+cell ids, member layout, memory) from the source's :class:`~saejax.data.SourcePlan`, which reads
+configs only; the dry run, the runner and the trainer all read that plan.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import importlib.util
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from saejax.config import ARCHS, TOPK_FAMILY, SAEConfig, TrainConfig, closest
-from saejax.data import SyntheticSource
+import numpy as np
+
+from saejax import archs
+from saejax.config import SAEConfig, TrainConfig, check_fields, check_seeds, closest
+from saejax.data import SourcePlan, SyntheticSource
 from saejax.errors import ConfigError, check
+
+Synthetic = SyntheticSource
+"""Song et al. (2025)'s model organism; the spec is the source itself (:class:`saejax.data.SyntheticSource`)."""
 
 
 # ----------------------------------------------------------------------------- sources
-@dataclass(frozen=True)
-class Synthetic:
-    """Song et al. (2025)'s model organism: a known dictionary, s active features per sample."""
-
-    d: int = 64
-    n_features: int = 128
-    s: int = 4
-    dictionary_seed: int = 0
-    n_heldout: int = 4096
-
-    def build(self, cache_dir: Path | None = None):
-        return SyntheticSource(self.d, self.n_features, self.s, self.dictionary_seed, self.n_heldout)
-
-    def describe(self) -> str:
-        return f"synthetic d={self.d} n_features={self.n_features} s={self.s}"
-
-
 @dataclass(frozen=True)
 class Modular:
     """The embedded modular-arithmetic transformer (p = 113), trained by saejax on first use.
@@ -51,47 +40,48 @@ class Modular:
     task: str = "add"
     layer: int = 1
     site: str = "resid_post"
-    positions: str = "all"
+    positions: Any = "all"
 
-    def build(self, cache_dir: Path | None = None):
+    def __post_init__(self):
+        check_fields(self)
+
+    def build(self, cache_dir=None, progress: bool = True):
         from saejax.models.modular import modular_activations
 
-        return modular_activations(task=self.task, layer=self.layer, site=self.site,
-                                   positions=self.positions, cache_dir=cache_dir)
+        return modular_activations(task=self.task, layer=self.layer, site=self.site, positions=self.positions,
+                                   cache_dir=cache_dir, progress=progress)
+
+    def plan(self, cache_dir=None) -> SourcePlan:
+        from saejax.models.modular import plan_activations
+
+        return plan_activations(self.task, self.layer, self.site, self.positions, cache_dir=cache_dir)
 
     def describe(self) -> str:
         return f"modular-{self.task} layer {self.layer} {self.site} ({self.positions} positions)"
 
+    def supports(self, analysis: str, cache_dir=None) -> str | None:
+        return None  # splice and probe both run on the embedded model
 
-@dataclass(frozen=True)
-class HF:
-    """Activations of a Hugging Face causal LM (extracted once, cached): see :mod:`saejax.activations`.
+    def downstream(self, cfg, raw_params, thresholds, seeds, *, analyses, cache_dir=None) -> tuple[dict, dict]:
+        from saejax.downstream import modular_downstream
 
-    ``hook`` is ``"<layer>.<site>"`` or a TransformerLens name like ``blocks.6.hook_resid_post``."""
-
-    model: str
-    hook: str
-    dataset: str
-    revision: str | None = None
-    dataset_config: str | None = None
-    split: str = "train"
-    text_column: str = "text"
-    ctx_len: int = 128
-    n_tokens: int = 1_000_000
-    dtype: str = "float32"
-    drop_bos: bool = True
-    heldout_frac: float = 0.05
-
-    def build(self, cache_dir: Path | None = None):
-        from saejax.activations import hf_source
-
-        return hf_source(self, cache_dir=cache_dir)
-
-    def describe(self) -> str:
-        return f"{self.model} {self.hook} on {self.dataset} ({self.n_tokens} tokens)"
+        return modular_downstream(self, cfg, raw_params, thresholds, seeds, analyses=analyses, cache_dir=cache_dir)
 
 
-SOURCES = {"synthetic": Synthetic, "modular": Modular, "hf": HF}
+def _hf():
+    from saejax.activations import HF
+
+    return HF
+
+
+def __getattr__(name):  # ``experiment.HF`` without importing the Hugging Face edge up front
+    if name == "HF":
+        return _hf()
+    raise AttributeError(name)
+
+
+def _is_source(obj) -> bool:
+    return all(callable(getattr(obj, m, None)) for m in ("build", "plan", "describe")) and dataclasses.is_dataclass(obj)
 
 
 # ----------------------------------------------------------------------------- experiment
@@ -101,23 +91,26 @@ class Experiment:
 
     name: str
     """Output directory name (under ``runs/`` unless ``--out`` says otherwise)."""
-    source: Any = field(default_factory=Synthetic)
-    """:class:`Synthetic`, :class:`Modular` or :class:`HF`."""
-    archs: tuple = ("topk",)
-    """SAE architectures (see :class:`saejax.SAEConfig`)."""
-    widths: tuple = (1024,)
+    source: Any = field(default_factory=SyntheticSource)
+    """A source spec: :class:`Synthetic`, :class:`Modular` or ``HF`` (anything with ``build``,
+    ``plan`` and ``describe``)."""
+    archs: tuple[str, ...] = ("topk",)
+    """SAE architectures (entries of :mod:`saejax.archs`)."""
+    widths: tuple[int, ...] = (1024,)
     """Dictionary sizes ``d_sae``."""
-    ks: tuple = (32,)
+    ks: tuple[int, ...] = (32,)
     """TopK family: latents per token."""
-    l1_coefs: tuple = (1e-3,)
+    l1_coefs: tuple[float, ...] = (1e-3,)
     """ReLU: L1 coefficients (swept inside one program)."""
-    l0_coefs: tuple = (1e-3,)
+    l0_coefs: tuple[float, ...] = (1e-3,)
     """JumpReLU: L0 coefficients (swept inside one program)."""
-    epochs: tuple | None = (20.0,)
+    lrs: tuple[float, ...] | None = None
+    """Learning rates swept inside one program (``None``: ``train["lr"]``, not part of cell ids)."""
+    epochs: tuple[float, ...] | None = (20.0,)
     """Training lengths in epochs over the source (finite sources); or give ``steps``."""
-    steps: tuple | None = None
+    steps: tuple[int, ...] | None = None
     """Training lengths in optimiser steps (set ``epochs=None``)."""
-    seeds: tuple = (0, 1, 2, 3, 4)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     """Seeds trained together in each program."""
     sae: dict = field(default_factory=dict)
     """Other :class:`saejax.SAEConfig` fields, e.g. ``{"aux_k": 0, "b_dec_init": "median"}``."""
@@ -129,26 +122,42 @@ class Experiment:
     """Orbax checkpoint interval in steps (a killed run resumes from the last one)."""
     heldout_tokens: int = 8192
     """Held-out tokens for evaluation, dead latents and activation correlations."""
-    analyses: tuple = ("stability",)
-    """``stability`` always; ``splice`` (reconstructions spliced into the model) and ``probe``
-    (linear probes, per-latent label profiles) for the embedded modular model."""
+    analyses: tuple[str, ...] = ("stability",)
+    """Analyses run on every cell, from :data:`saejax.cells.ANALYSES`: ``stability`` always;
+    ``splice`` (reconstructions spliced into the model) and ``probe`` (linear probes) where the
+    source supports them (checked at plan time)."""
 
     def __post_init__(self):
-        check(isinstance(self.name, str) and self.name and "/" not in self.name, f"experiment name must be a plain non-empty string, got {self.name!r}")
-        check(type(self.source) in SOURCES.values(), f"source must be one of Synthetic, Modular, HF, got {type(self.source).__name__}")
+        check(isinstance(self.name, str) and self.name and "/" not in self.name,
+              f"experiment name must be a plain non-empty string, got {self.name!r}")
+        check(_is_source(self.source), f"source must be Synthetic, Modular or HF, got {type(self.source).__name__}")
+        check_fields(self)
         for a in self.archs:
-            check(a in ARCHS, f"unknown SAE architecture {a!r}; expected one of {ARCHS}{closest(a, ARCHS)}")
+            archs.get(a)
+        for name in ("archs", "widths", "seeds"):
+            check(len(getattr(self, name)) > 0, f"{name} is empty: give at least one value")
         for w in self.widths:
-            check(isinstance(w, int) and w > 0, f"impossible width d_sae={w!r}: widths must be positive integers")
+            check(w > 0, f"impossible width d_sae={w!r}: widths must be positive integers")
         check((self.epochs is None) != (self.steps is None), "give exactly one of epochs or steps")
         check(len(self.lengths) > 0 and all(v > 0 for v in self.lengths), f"training lengths must be positive, got {self.lengths}")
         check(len(self.seeds) >= 2, f"a stability experiment needs at least 2 seeds, got {list(self.seeds)}")
+        check_seeds(self.seeds)
+        for name in ("l1_coefs", "l0_coefs"):
+            check(len(getattr(self, name)) > 0 and all(np.isfinite(v) and v >= 0 for v in getattr(self, name)),
+                  f"{name} must be finite and >= 0, got {list(getattr(self, name))}")
+        check(self.lrs is None or (len(self.lrs) > 0 and all(np.isfinite(v) and v > 0 for v in self.lrs)),
+              f"lrs must be finite and positive, got {self.lrs}")
         _check_keys(self.sae, SAEConfig, "sae", skip=("d_in", "d_sae", "arch", "k", "l1_coef", "l0_coef"))
         _check_keys(self.train, TrainConfig, "train", skip=("steps", "epochs"))
-        check(self.dynamics >= 0, f"dynamics must be >= 0, got {self.dynamics}")
-        known = ("stability", "splice", "probe")
+        for length in self.lengths:  # every TrainConfig field is validated here, before anything runs
+            self.train_config(length)
+        check(self.dynamics >= 0 and self.checkpoint_every > 0 and self.heldout_tokens > 0,
+              f"dynamics must be >= 0, checkpoint_every and heldout_tokens positive, got "
+              f"{self.dynamics}, {self.checkpoint_every}, {self.heldout_tokens}")
+        from saejax.cells import ANALYSES
+
         for a in self.analyses:
-            check(a in known, f"unknown analysis {a!r}; expected some of {known}{closest(a, known)}")
+            check(a in ANALYSES, f"unknown analysis {a!r}; expected some of {tuple(ANALYSES)}{closest(a, ANALYSES)}")
 
     @property
     def lengths(self) -> tuple:
@@ -159,55 +168,16 @@ class Experiment:
         return "epochs" if self.epochs is not None else "steps"
 
     def train_config(self, length) -> TrainConfig:
-        return TrainConfig(**{**self.train, self.length_unit: length})
+        try:
+            return TrainConfig(**{**self.train, self.length_unit: length})
+        except ConfigError as e:
+            raise ConfigError(f"train: {e}") from None
 
-    def units(self, d_in: int) -> list["Unit"]:
-        """Compiled programs of this grid (validated SAE configs)."""
-        shares = self.train.get("decay", "constant") == "constant"
-        lengths = [tuple(sorted(self.lengths))] if shares else [(v,) for v in sorted(self.lengths)]
-        out = []
-        for arch in self.archs:
-            for width in self.widths:
-                for k in (self.ks if arch in TOPK_FAMILY else (None,)):
-                    coefs = {"relu": self.l1_coefs, "jumprelu": self.l0_coefs}.get(arch, (None,))
-                    kw = {**self.sae, "d_in": d_in, "d_sae": width, "arch": arch}
-                    if k is not None:
-                        kw["k"] = k
-                    try:
-                        cfg = SAEConfig(**kw)
-                    except ConfigError as e:
-                        raise ConfigError(f"cell {arch} d_sae={width}: {e}") from None
-                    for ls in lengths:
-                        out.append(Unit(cfg, tuple(coefs), ls))
-        return out
+    def plan(self, source: SourcePlan) -> Plan:
+        """Every unit of the grid, fully resolved (see :class:`Unit`)."""
+        from saejax.plan import resolve
 
-
-@dataclass(frozen=True)
-class Unit:
-    """One compiled training program: an SAE config, swept coefficients, lengths as snapshots."""
-
-    sae: SAEConfig
-    coefs: tuple
-    lengths: tuple
-
-    @property
-    def id(self) -> str:
-        s = f"{self.sae.arch}-w{self.sae.d_sae}"
-        if self.sae.arch in TOPK_FAMILY:
-            s += f"-k{self.sae.k}"
-        return s + ("" if len(self.lengths) > 1 else f"-len{self.lengths[0]:g}")
-
-    def cell_id(self, coef, length) -> str:
-        s = f"{self.sae.arch}-w{self.sae.d_sae}"
-        if self.sae.arch in TOPK_FAMILY:
-            s += f"-k{self.sae.k}"
-        if coef is not None:
-            s += f"-{self.sae.sparsity_coef_name.split('_')[0]}_{coef:g}"
-        return s + f"-len{length:g}"
-
-    @property
-    def sweep(self) -> dict | None:
-        return None if self.coefs == (None,) else {self.sae.sparsity_coef_name: list(self.coefs)}
+        return resolve(self, source)
 
 
 def _check_keys(d: dict, cls, name: str, skip=()) -> None:
@@ -217,30 +187,97 @@ def _check_keys(d: dict, cls, name: str, skip=()) -> None:
         check(key in names, f"unknown {name} option {key!r}{closest(key, names)}; valid: {', '.join(names)}")
 
 
+# ----------------------------------------------------------------------------- the resolved plan
+@dataclass(frozen=True)
+class Cell:
+    """One record of ``summary.json``: a swept point of a unit at one training length."""
+
+    id: str
+    point: int
+    """Index of the unit's swept combination (members ``point * n_seeds ...``)."""
+    coef: float | None
+    lr: float | None
+    length: float
+    step: int
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One compiled training program, fully resolved."""
+
+    id: str
+    sae: SAEConfig
+    train: TrainConfig
+    """The configuration of the longest length (the one trained)."""
+    sweep: dict | None
+    """``{name: values}`` swept inside the program (:func:`saejax.train.train`'s ``sweep``)."""
+    cells: tuple[Cell, ...]
+    total: int
+    """Steps trained."""
+    stops: tuple[int, ...]
+    """Steps at which the state is snapshotted: every length's step and the dynamics steps."""
+    dynamics: tuple[int, ...]
+    n_members: int
+    member_bytes: int
+    """Device bytes per member (:func:`saejax.train.member_bytes`)."""
+
+    @property
+    def lengths(self) -> tuple:
+        return tuple(dict.fromkeys(c.length for c in self.cells))
+
+
+@dataclass(frozen=True)
+class Plan:
+    experiment: Experiment
+    source: SourcePlan
+    units: tuple[Unit, ...]
+
+    @property
+    def cells(self) -> tuple[Cell, ...]:
+        return tuple(c for u in self.units for c in u.cells)
+
+
 # ----------------------------------------------------------------------------- files and --set
-def load(path: str | Path) -> Experiment:
+def load(path) -> Experiment:
     """Import an experiment file and return its :class:`Experiment`."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
     path = Path(path)
     check(path.is_file(), f"experiment file {str(path)!r} does not exist")
     spec = importlib.util.spec_from_file_location(f"saejax_experiment_{path.stem}", path)
+    check(spec is not None and spec.loader is not None, f"experiment file {str(path)!r} is not a Python file")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    if hasattr(module, "get_config"):
-        exp = module.get_config()
-    elif hasattr(module, "config"):
-        exp = module.config
-    else:
-        raise ConfigError(f"{path} defines neither get_config() nor a module-level config")
+    try:
+        spec.loader.exec_module(module)
+        exp = module.get_config() if hasattr(module, "get_config") else getattr(module, "config", None)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except SyntaxError as e:
+        raise ConfigError(f"{path}:{e.lineno}: syntax error: {e.msg}") from None
+    except Exception as e:  # an experiment file is user code: one line, not a traceback
+        raise ConfigError(f"{path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    check(exp is not None, f"{path} defines neither get_config() nor a module-level config")
     check(isinstance(exp, Experiment), f"{path}: get_config() must return saejax.experiment.Experiment, got {type(exp).__name__}")
     return exp
 
 
-def _parse(value: str):
+def _parse(key: str, value: str):
+    import ast
+
+    text = value.strip()
+    if text.lower() in ("nan", "inf", "+inf", "-inf"):
+        return float(text)
     try:
-        v = ast.literal_eval(value)
+        v = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        return value
+        check(not any(c in text for c in "[](){}'\""),
+              f"--set {key}: cannot parse {value!r}; expected a number, a string or a list like 1,2,3")
+        if "," in text:  # archs=topk,relu
+            return tuple(_parse(key, part) for part in text.split(",") if part.strip())
+        return text
     return tuple(v) if isinstance(v, list) else v
 
 
@@ -252,17 +289,25 @@ def apply_overrides(exp: Experiment, items) -> Experiment:
         head, _, sub = key.strip().partition(".")
         names = [f.name for f in dataclasses.fields(exp)]
         check(head in names, f"--set: unknown key {head!r}{closest(head, names)}; valid: {', '.join(names)}")
-        val = _parse(value)
-        if not sub:
-            if isinstance(getattr(exp, head), tuple) and not isinstance(val, tuple):
-                val = (val,)
-            exp = dataclasses.replace(exp, **{head: val})
-        elif head in ("sae", "train"):
-            exp = dataclasses.replace(exp, **{head: {**getattr(exp, head), sub: val}})
-        elif head == "source":
-            fields = [f.name for f in dataclasses.fields(exp.source)]
-            check(sub in fields, f"--set: unknown source option {sub!r}{closest(sub, fields)}; valid: {', '.join(fields)}")
-            exp = dataclasses.replace(exp, source=dataclasses.replace(exp.source, **{sub: val}))
-        else:
-            raise ConfigError(f"--set: {head!r} has no sub-keys (got {key!r})")
+        val = _parse(key, value)
+        try:
+            exp = _override(exp, head, sub, val, key)
+        except ConfigError as e:
+            raise ConfigError(f"--set {key}={value}: {e}") from None
     return exp
+
+
+def _override(exp: Experiment, head: str, sub: str, val, key: str) -> Experiment:
+    if not sub:
+        import typing
+
+        if "tuple[" in str(typing.get_type_hints(Experiment)[head]) and not isinstance(val, tuple):
+            val = (val,)
+        return dataclasses.replace(exp, **{head: val})
+    if head in ("sae", "train"):
+        return dataclasses.replace(exp, **{head: {**getattr(exp, head), sub: val}})
+    if head == "source":
+        fields = [f.name for f in dataclasses.fields(exp.source) if f.init]
+        check(sub in fields, f"unknown source option {sub!r}{closest(sub, fields)}; valid: {', '.join(fields)}")
+        return dataclasses.replace(exp, source=dataclasses.replace(exp.source, **{sub: val}))
+    raise ConfigError(f"{head!r} has no sub-keys (got {key!r})")

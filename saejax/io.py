@@ -13,8 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
+from saejax import archs
 from saejax.config import SAEConfig
-from saejax.errors import ConfigError, check
+from saejax.errors import check
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> Path:
@@ -22,6 +29,7 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; results are shared like any file
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
@@ -67,29 +75,25 @@ def read_json(path: str | Path):
 
 
 # ----------------------------------------------------------------------------- SAELens layout
-_ARCH_TO_SAELENS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
-
-
 def save_saelens(directory: str | Path, cfg: SAEConfig, params: dict, *, threshold: float | None = None,
                  metadata: dict | None = None) -> Path:
     """Write one SAE (parameters in raw activation units, no leading seed axis) for SAELens.
 
-    BatchTopK is exported the way SAELens runs it at inference: as a JumpReLU whose threshold is
-    the one estimated during training, the same for every latent.
+    What each architecture adds (a JumpReLU's thresholds; BatchTopK exported the way SAELens runs
+    it at inference, as a JumpReLU whose threshold is the one estimated during training) is its
+    registry entry's ``to_saelens`` (:mod:`saejax.archs`).
     """
     from safetensors.numpy import save
 
+    arch = archs.get(cfg.arch)
     directory = Path(directory)
-    tensors = {k: np.ascontiguousarray(np.asarray(params[k], np.float32)) for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
-    if cfg.arch == "jumprelu":
-        tensors["threshold"] = np.exp(np.asarray(params["log_threshold"], np.float32))
-    if cfg.arch == "batchtopk":
-        tensors["threshold"] = np.full(cfg.d_sae, threshold if threshold is not None else 0.0, np.float32)
-    sae_cfg = {"architecture": _ARCH_TO_SAELENS[cfg.arch], "d_in": cfg.d_in, "d_sae": cfg.d_sae,
+    tensors = {k: np.asarray(params[k], np.float32) for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    tensors.update(arch.to_saelens(cfg, params, threshold))
+    tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
+    sae_cfg = {"architecture": arch.saelens, "d_in": cfg.d_in, "d_sae": cfg.d_sae,
                "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
                "normalize_activations": "none", "saejax_arch": cfg.arch, "metadata": metadata or {}}
-    if cfg.arch == "topk":
-        sae_cfg["k"] = cfg.k
+    sae_cfg.update({f: getattr(cfg, f) for f in arch.cfg_fields})
     atomic_write(directory / "sae_weights.safetensors", save(tensors))
     write_json(directory / "cfg.json", sae_cfg)
     return directory
@@ -99,7 +103,10 @@ def load_saelens(directory: str | Path) -> tuple[SAEConfig, dict]:
     """Read an SAE in the SAELens layout (ours, or a pretrained one from a local directory).
 
     Returns a config and parameters in saejax's layout (``W_enc [d_in, d_sae]``,
-    ``W_dec [d_sae, d_in]``); a JumpReLU ``threshold`` becomes ``log_threshold``.
+    ``W_dec [d_sae, d_in]``); a JumpReLU ``threshold`` becomes ``log_threshold``. With
+    ``"apply_b_dec_to_input": false`` (Gemma Scope and many pretrained SAEs) SAELens computes
+    ``pre = x @ W_enc + b_enc``; that is folded as ``b_enc' = b_enc + b_dec @ W_enc``.
+    ``normalize_activations`` other than ``none`` cannot be reproduced from the directory alone.
     """
     from safetensors.numpy import load_file
 
@@ -109,20 +116,25 @@ def load_saelens(directory: str | Path) -> tuple[SAEConfig, dict]:
     check(weights.is_file(), f"{str(directory)!r} has no sae_weights.safetensors")
     raw = read_json(directory / "cfg.json")
     t = load_file(str(weights))
-    arch = raw.get("saejax_arch") or {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu",
-                                       "gated": None}.get(raw.get("architecture", "standard"))
-    if arch is None:
-        raise ConfigError(f"SAELens architecture {raw.get('architecture')!r} is not supported; expected standard, topk or jumprelu")
+    name = raw.get("saejax_arch") or archs.SAELENS_NAMES.get(raw.get("architecture", "standard"))
+    check(name in archs.REGISTRY, f"{directory}: SAELens architecture {raw.get('architecture')!r} is not supported; "
+                                  f"expected one of {sorted(archs.SAELENS_NAMES)}")
+    saved = archs.get(name)
+    arch = archs.get(saved.loads_as or saved.name)
     d_in, d_sae = int(raw["d_in"]), int(raw["d_sae"])
     w_enc, w_dec = t["W_enc"], t["W_dec"]
     check(w_enc.shape == (d_in, d_sae) and w_dec.shape == (d_sae, d_in),
           f"{directory}: W_enc {w_enc.shape} / W_dec {w_dec.shape} do not match d_in={d_in}, d_sae={d_sae}")
+    norm = raw.get("normalize_activations", "none")
+    check(norm in ("none", None), f"{directory}: SAELens normalize_activations={norm!r} cannot be reproduced; "
+                                  "expected 'none' (fold the normalisation into the weights and save again)")
     params = {"W_enc": w_enc, "b_enc": t["b_enc"], "W_dec": w_dec, "b_dec": t["b_dec"]}
-    if arch == "batchtopk":  # saved by us as a JumpReLU with the inference threshold
-        arch = "jumprelu"
-    if arch == "jumprelu":
-        params["log_threshold"] = np.log(np.maximum(t["threshold"], 1e-30)).astype(np.float32)
+    if not raw.get("apply_b_dec_to_input", True):
+        params["b_enc"] = (t["b_enc"] + t["b_dec"].astype(np.float64) @ w_enc).astype(np.float32)
+    params.update(saved.from_saelens(t))
+    check(not arch.uses_k or "k" in raw, f"{directory}: cfg.json of a {arch.name} SAE has no k")
+    fields = {f: raw[f] for f in arch.cfg_fields}
     norms = np.linalg.norm(w_dec, axis=1)
-    cfg = SAEConfig(d_in=d_in, d_sae=d_sae, arch=arch, k=int(raw.get("k", 1 if arch != "topk" else 32)),
+    cfg = SAEConfig(d_in=d_in, d_sae=d_sae, arch=arch.name, **fields,
                     unit_norm_decoder=bool(np.allclose(norms, 1.0, atol=1e-3)), normalize_input=False)
     return cfg, params

@@ -25,7 +25,7 @@ only on TPU and falls back to sort-and-slice on CPU and GPU, where it was not fa
 
 from __future__ import annotations
 
-from functools import lru_cache, partial
+from functools import cache, partial
 
 import jax
 import jax.numpy as jnp
@@ -136,7 +136,7 @@ def scatter_rows(v: jax.Array, idx: jax.Array, g: jax.Array, n_rows: int) -> jax
     return _scatter_rows(n_rows)(v, idx, g)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _scatter_rows(n_rows: int):
     @jax.custom_batching.custom_vmap
     def scatter(v, idx, g):

@@ -8,9 +8,9 @@ A killed run resumes: finished units are skipped, an unfinished one restarts fro
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,45 +23,50 @@ def parse_args(argv):
     p.add_argument("--out", help="output directory (default: runs/<experiment name>)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field: seeds=0,1,2  widths=64,128  train.lr=1e-3  source.task=mul")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and what is cached, train nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan and what is cached; reads configs only: downloads, extracts and trains nothing")
     p.add_argument("--fresh", action="store_true", help="discard earlier results in the output directory")
     p.add_argument("--cache-dir", help="activation/model cache (default: $SAEJAX_CACHE or the user cache dir)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--wait", action="store_true", help="wait for another run on the same --out to finish")
     return p.parse_args(argv)
 
 
-def writable_dir(path: Path) -> Path:
+def writable_dir(path: Path, what: str) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"output directory {str(path)!r} is not writable ({e.strerror})") from None
+        raise ConfigError(f"{what} {str(path)!r} is not writable ({e.strerror})") from None
     return path
 
 
-def plan(exp, units, source, out: Path) -> None:
-    from saejax.cells import unit_steps
+def print_plan(plan, store) -> None:
+    from saejax.plan import unit_key
 
-    n_tok = getattr(source, "n_tokens", None)
-    print(f"experiment {exp.name}: {exp.source.describe()}; d_in={units[0].sae.d_in}, "
-          f"{len(exp.seeds)} seeds {list(exp.seeds)}, {n_tok if n_tok else 'endless'} training tokens")
-    for u in units:
-        steps = unit_steps(exp, u, n_tok)
-        per_seed = 4 * 3 * (2 * u.sae.d_in * u.sae.d_sae + u.sae.d_sae + u.sae.d_in)  # params + Adam m, v
-        members = len(exp.seeds) * len(u.coefs)
-        done = (out / "units" / u.id / "done.json").exists()
-        resumable = (out / "units" / u.id / "ckpt").exists()
-        tokens = max(steps) * exp.train_config(u.lengths[0]).batch_size
-        print(f"  {u.id:<24} {members:>3} SAEs x {max(steps):>6} steps ({tokens:,} tokens/seed)  "
-              f"params+Adam {members * per_seed / 2**20:8.1f} MiB  cells: "
-              f"{', '.join(u.cell_id(c, l) for c in u.coefs for l in u.lengths)}  "
-              f"[{'done' if done else 'resumes from checkpoint' if resumable else 'to train'}]")
+    exp, src = plan.experiment, plan.source
+    print(f"experiment {exp.name}: {exp.source.describe()}; d_in={src.d_in}, {len(exp.seeds)} seeds "
+          f"{list(exp.seeds)}, {f'{src.n_tokens:,}' if src.n_tokens else 'endless'} training tokens")
+    for line in src.lines:
+        print(f"  source: {line}")
+    for u in plan.units:
+        tokens = u.total * u.train.batch_size
+        status = store.status(store.unit_dir(u.id, unit_key(exp, u)))
+        print(f"  {u.id:<24} {u.n_members:>3} SAEs x {u.total:>6} steps ({tokens:,} tokens/seed)  "
+              f"~{u.n_members * u.member_bytes / 2**20:8.1f} MiB on device  cells: "
+              f"{', '.join(c.id for c in u.cells)}  [{status}]")
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (a scheduler's preemption) stops like Ctrl-C: checkpoint kept
 
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return _main(args)
     except ConfigError as e:
@@ -74,45 +79,61 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
-    from saejax import experiment, report
-    from saejax.cells import run_unit
+    from saejax import experiment
+    from saejax.cells import check_analyses
+    from saejax.store import RunStore
 
+    exp = experiment.apply_overrides(experiment.load(args.experiment), args.set)
+    cache_dir = Path(args.cache_dir).absolute() if args.cache_dir else None
+    check_analyses(exp, cache_dir)
+    source_plan = exp.source.plan(cache_dir)
+    check(source_plan.missing is None, f"cannot plan {exp.name}: {source_plan.missing}")
+    plan = exp.plan(source_plan)
+    out = Path(args.out or Path("runs") / exp.name)
+    store = RunStore(out)
+    print_plan(plan, store)
+    if args.dry_run:
+        return 0
+    return _run(args, exp, plan, store, cache_dir)
+
+
+def _run(args, exp, plan, store, cache_dir) -> int:
     from saejax import sharding
+    from saejax.cache import cache_root
 
     sharding.maybe_initialize_distributed()
-    exp = experiment.apply_overrides(experiment.load(args.experiment), args.set)
-    out = Path(args.out or Path("runs") / exp.name)
     if not sharding.is_main_process():  # every host computes the same; only process 0 writes the results
         import jax
 
-        out = out / f".process{jax.process_index()}"
-    if args.cache_dir:
-        os.environ["SAEJAX_CACHE"] = str(Path(args.cache_dir).absolute())
-    if args.fresh and out.exists() and not args.dry_run:
-        for sub in ("units", "cells", "figures"):
-            shutil.rmtree(out / sub, ignore_errors=True)
-    if not args.dry_run:
-        writable_dir(out)
-        for tmp in out.rglob(".*.tmp"):  # left by a run killed mid-write; never read
-            tmp.unlink(missing_ok=True)
-    print(sharding.describe_mesh())
+        store = type(store)(store.out / f".process{jax.process_index()}")
+    writable_dir(cache_root(cache_dir), "cache directory")
+    writable_dir(store.out, "output directory")
+    with store.lock(wait=args.wait):
+        if args.fresh:
+            store.clear()
+        store.remove_partial_writes()
+        return _train_all(args, exp, plan, store, cache_dir)
+
+
+def _train_all(args, exp, plan, store, cache_dir) -> int:
+    from saejax import sharding, summary
+    from saejax.cells import run_unit
+
     t0 = time.perf_counter()
-    source = exp.source.build()
-    check(source.d_in > 0, "the activation source has no width")
-    units = exp.units(source.d_in)
-    plan(exp, units, source, out)
-    if args.dry_run:
-        return 0
-    records = []
-    for i, unit in enumerate(units, 1):
-        tc = exp.train_config(max(unit.lengths))
-        mesh = sharding.describe_mesh(n_members=len(exp.seeds) * len(unit.coefs), batch_size=tc.batch_size,
-                                      shape=tc.mesh_shape)
-        print(f"[{i}/{len(units)}] {unit.id}  ({mesh})")
-        records += run_unit(exp, unit, source, out, progress=not args.no_progress)
-    report.write_all(exp, records, out)
-    print(report.table(records))
-    print(f"\n{len(records)} cells in {time.perf_counter() - t0:.0f} s; results in {out}/ "
+    source = exp.source.build(cache_dir, progress=not args.no_progress)
+    check(source.d_in == plan.source.d_in, f"the source has d_in={source.d_in}, its plan said {plan.source.d_in}")
+    check(source.n_tokens == plan.source.n_tokens,
+          f"the source has {source.n_tokens} training tokens, its plan said {plan.source.n_tokens}")
+    records, last_mesh = [], None
+    for i, unit in enumerate(plan.units, 1):
+        mesh = sharding.describe_mesh(n_members=unit.n_members, batch_size=unit.train.batch_size,
+                                      shape=unit.train.mesh_shape)
+        print(f"[{i}/{len(plan.units)}] {unit.id}" + (f"  ({mesh})" if mesh != last_mesh else ""))
+        last_mesh = mesh
+        records += run_unit(exp, unit, source, store, progress=not args.no_progress, cache_dir=cache_dir)
+    summary.write_all(exp, records, store.out)
+    print(summary.table(records))
+    print(f"\n{len(records)} cells in {time.perf_counter() - t0:.0f} s; results in {store.out}/ "
           f"(summary.json, summary.csv, report.md, figures/)")
     return 0
 

@@ -6,7 +6,7 @@ already scaled by the input normaliser; the seed axis comes from ``vmap`` in :mo
 
     pre = (x - b_dec) @ W_enc + b_enc        z = f(pre)        x_hat = z @ W_dec + b_dec
 
-with ``f`` per architecture:
+with ``f`` per architecture (each an entry of the registry in :mod:`saejax.archs`):
 
 - ``topk``: keep the k largest pre-activations per token, then ReLU (Gao et al. 2024, arXiv:2406.04093).
 - ``batchtopk``: keep the k·B largest over the whole batch (Bussmann et al. 2024, arXiv:2412.06410);
@@ -19,14 +19,15 @@ with ``f`` per architecture:
 
 from __future__ import annotations
 
-from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saejax import kernels
-from saejax.config import TOPK_FAMILY, SAEConfig
+from saejax import archs, kernels
+from saejax.archs import batchtopk_latents, heaviside_ste, jumprelu, scatter_latents, topk_select  # noqa: F401
+from saejax.config import SAEConfig
 
 
 # ----------------------------------------------------------------------------- initialisation
@@ -42,8 +43,7 @@ def init(cfg: SAEConfig, key: jax.Array, b_dec: jax.Array) -> dict:
         w_enc = jax.random.uniform(k_enc, (cfg.d_in, cfg.d_sae), jnp.float32, -bound, bound)
     params = {"W_enc": w_enc, "b_enc": jnp.zeros(cfg.d_sae, jnp.float32), "W_dec": w_dec,
               "b_dec": jnp.asarray(b_dec, jnp.float32)}
-    if cfg.arch == "jumprelu":
-        params["log_threshold"] = jnp.full(cfg.d_sae, np.log(cfg.jump_init_threshold), jnp.float32)
+    params.update(archs.get(cfg.arch).extra_params(cfg))
     return params
 
 
@@ -94,80 +94,10 @@ def pre_acts(params: dict, x: jax.Array) -> jax.Array:
     return (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
 
 
-def topk_select(pre: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """Top-k values (after ReLU) and their latent indices, per token: ``[B, k]`` each."""
-    vals, idx = jax.lax.top_k(pre, k)
-    return jax.nn.relu(vals), idx
-
-
-def scatter_latents(vals: jax.Array, idx: jax.Array, d_sae: int) -> jax.Array:
-    rows = jnp.arange(vals.shape[0])[:, None]
-    return jnp.zeros((vals.shape[0], d_sae), vals.dtype).at[rows, idx].set(vals)
-
-
-def batchtopk_latents(pre: jax.Array, k: int) -> jax.Array:
-    """Keep the ``k * B`` largest ReLU'd pre-activations of the whole batch."""
-    b, d = pre.shape
-    flat = jax.nn.relu(pre).reshape(-1)
-    vals, idx = jax.lax.top_k(flat, k * b)
-    return jnp.zeros_like(flat).at[idx].set(vals).reshape(b, d)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def heaviside_ste(pre: jax.Array, threshold: jax.Array, bandwidth: float) -> jax.Array:
-    """``H(pre - threshold)``; d/dthreshold = -(1/eps) K((pre - threshold)/eps), K a unit rectangle."""
-    return (pre > threshold).astype(pre.dtype)
-
-
-def _heaviside_fwd(pre, threshold, bandwidth):
-    return heaviside_ste(pre, threshold, bandwidth), (pre, threshold)
-
-
-def _heaviside_bwd(bandwidth, res, g):
-    pre, threshold = res
-    rect = (jnp.abs((pre - threshold) / bandwidth) < 0.5).astype(pre.dtype)
-    d_thr = -(1.0 / bandwidth) * rect * g
-    return jnp.zeros_like(pre), d_thr.sum(axis=tuple(range(d_thr.ndim - threshold.ndim)))
-
-
-heaviside_ste.defvjp(_heaviside_fwd, _heaviside_bwd)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def jumprelu(pre: jax.Array, threshold: jax.Array, bandwidth: float) -> jax.Array:
-    """``pre * H(pre - threshold)``; d/dthreshold = -(threshold/eps) K((pre - threshold)/eps)."""
-    return pre * (pre > threshold)
-
-
-def _jumprelu_fwd(pre, threshold, bandwidth):
-    return jumprelu(pre, threshold, bandwidth), (pre, threshold)
-
-
-def _jumprelu_bwd(bandwidth, res, g):
-    pre, threshold = res
-    gate = (pre > threshold).astype(pre.dtype)
-    rect = (jnp.abs((pre - threshold) / bandwidth) < 0.5).astype(pre.dtype)
-    d_thr = -(threshold / bandwidth) * rect * g
-    return g * gate, d_thr.sum(axis=tuple(range(d_thr.ndim - threshold.ndim)))
-
-
-jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
-
-
 def encode(cfg: SAEConfig, params: dict, x: jax.Array, threshold: jax.Array | None = None) -> jax.Array:
     """Latents ``[B, d_sae]`` for inference. BatchTopK uses its estimated ``threshold`` when given
     (per-token, batch-independent) and the batch top-k otherwise."""
-    pre = pre_acts(params, x)
-    if cfg.arch == "topk":
-        return scatter_latents(*topk_select(pre, cfg.k), cfg.d_sae)
-    if cfg.arch == "batchtopk":
-        if threshold is None:
-            return batchtopk_latents(pre, cfg.k)
-        return jnp.where(pre > threshold, pre, 0.0) * (pre > 0)
-    if cfg.arch == "relu":
-        return jax.nn.relu(pre)
-    thr = jnp.exp(params["log_threshold"])
-    return jnp.where(pre > thr, pre, 0.0)
+    return archs.get(cfg.arch).infer_latents(cfg, params, pre_acts(params, x), threshold)
 
 
 def decode(params: dict, z: jax.Array) -> jax.Array:
@@ -175,6 +105,42 @@ def decode(params: dict, z: jax.Array) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- objective
+class Step(NamedTuple):
+    """What one training forward of one seed produces, whatever the architecture."""
+
+    x_hat: jax.Array
+    fired: jax.Array  # [d_sae] bool: fired on this batch
+    l0: jax.Array
+    sparsity: jax.Array  # the architecture's sparsity term (already weighted)
+    aux: jax.Array  # AuxK (unweighted), 0 outside the TopK family
+    min_kept: jax.Array  # BatchTopK: smallest kept latent (feeds its inference threshold)
+
+
+def dense_step(cfg: SAEConfig, params: dict, x: jax.Array, hp: dict, dead: jax.Array, ramp) -> Step:
+    pre = pre_acts(params, x)
+    z, sparsity, min_kept = archs.get(cfg.arch).train_latents(cfg, params, pre, hp, ramp)
+    x_hat = decode(params, z)
+    aux = jnp.zeros((), x.dtype)
+    if cfg.n_aux > 0:
+        aux = auxk_loss(cfg, params, pre, jax.lax.stop_gradient(x - x_hat), dead)
+    return Step(x_hat, jnp.any(z > 0, axis=0), jnp.mean(jnp.sum(z > 0, axis=1)), sparsity, aux, min_kept)
+
+
+def sparse_topk_step(cfg: SAEConfig, params: dict, x: jax.Array, dead: jax.Array) -> Step:
+    """TopK through :mod:`saejax.kernels`: same numbers as :func:`dense_step`; only the encoder
+    forward is dense."""
+    vals, idx, aux_vals, aux_idx = kernels.topk_encode(
+        x, params["W_enc"], params["b_enc"], params["b_dec"], dead, cfg.k, cfg.n_aux)
+    x_hat = kernels.sparse_decode(vals, idx, params["W_dec"]) + params["b_dec"]
+    fired = jnp.zeros(cfg.d_sae, bool).at[idx.reshape(-1)].max((vals > 0).reshape(-1))
+    zero = jnp.zeros((), x.dtype)
+    aux = zero
+    if cfg.n_aux > 0:
+        e_hat = kernels.sparse_decode(aux_vals, aux_idx, params["W_dec"])
+        aux = _auxk_ratio(cfg, e_hat, jax.lax.stop_gradient(x - x_hat), dead)
+    return Step(x_hat, fired, jnp.mean(jnp.sum(vals > 0, axis=1)), zero, aux, zero)
+
+
 def loss(cfg: SAEConfig, params: dict, x: jax.Array, hp: dict, dead: jax.Array, ramp: jax.Array):
     """Training loss for one seed on a batch, and its metrics.
 
@@ -185,54 +151,24 @@ def loss(cfg: SAEConfig, params: dict, x: jax.Array, hp: dict, dead: jax.Array, 
     (Gao et al. 2024, normalised as in EleutherAI sparsify). ``hp`` holds the traced floats
     (``lr``, ``l1_coef``, ``l0_coef``, ``aux_coef``) so one program can sweep them.
     """
-    sparsity = jnp.zeros((), x.dtype)
-    aux = jnp.zeros((), x.dtype)
-    min_kept = jnp.zeros((), x.dtype)
-    if cfg.arch == "topk" and cfg.kernel == "sparse":
-        # Same numbers as the dense branch; only the encoder forward is dense (see saejax.kernels).
-        vals, idx, aux_vals, aux_idx = kernels.topk_encode(
-            x, params["W_enc"], params["b_enc"], params["b_dec"], dead, cfg.k, cfg.n_aux)
-        x_hat = kernels.sparse_decode(vals, idx, params["W_dec"]) + params["b_dec"]
-        fired = jnp.zeros(cfg.d_sae, bool).at[idx.reshape(-1)].max((vals > 0).reshape(-1))
-        l0 = jnp.mean(jnp.sum(vals > 0, axis=1))
-        err = x_hat - x
-        if cfg.n_aux > 0:
-            e_hat = kernels.sparse_decode(aux_vals, aux_idx, params["W_dec"])
-            aux = _auxk_ratio(cfg, e_hat, jax.lax.stop_gradient(-err), dead)
+    arch = archs.get(cfg.arch)
+    if cfg.kernel == "sparse":
+        st = arch.sparse_step(cfg, params, x, dead)
     else:
-        pre = pre_acts(params, x)
-        if cfg.arch == "topk":
-            z = scatter_latents(*topk_select(pre, cfg.k), cfg.d_sae)
-        elif cfg.arch == "batchtopk":
-            z = batchtopk_latents(pre, cfg.k)
-            min_kept = jnp.min(jnp.where(z > 0, z, jnp.inf))
-        elif cfg.arch == "relu":
-            z = jax.nn.relu(pre)
-            norms = jnp.linalg.norm(params["W_dec"], axis=1)
-            sparsity = ramp * hp["l1_coef"] * jnp.mean(z @ norms)
-        else:
-            thr = jnp.exp(params["log_threshold"])
-            z = jumprelu(pre, thr, cfg.jump_bandwidth)
-            l0_ste = heaviside_ste(pre, thr, cfg.jump_bandwidth)
-            sparsity = ramp * hp["l0_coef"] * jnp.mean(jnp.sum(l0_ste, axis=1))
-        x_hat = decode(params, z)
-        fired = jnp.any(z > 0, axis=0)
-        l0 = jnp.mean(jnp.sum(z > 0, axis=1))
-        err = x_hat - x
-        if cfg.n_aux > 0:
-            aux = auxk_loss(cfg, params, pre, jax.lax.stop_gradient(-err), dead)
+        st = dense_step(cfg, params, x, hp, dead, ramp)
+    err = st.x_hat - x
     recon = jnp.mean(jnp.sum(err**2, axis=1))
     total_var = jnp.sum((x - x.mean(0)) ** 2)
-    out = recon + sparsity + hp["aux_coef"] * aux
+    out = recon + st.sparsity + hp["aux_coef"] * st.aux
     metrics = {
         "loss": out,
         "mse": jnp.mean(err**2),
         "fvu": jnp.sum(err**2) / jnp.maximum(total_var, 1e-12),
-        "l0": l0,
-        "aux": aux,
-        "sparsity": sparsity,
+        "l0": st.l0,
+        "aux": st.aux,
+        "sparsity": st.sparsity,
     }
-    return out, (metrics, fired, min_kept)
+    return out, (metrics, st.fired, st.min_kept)
 
 
 def auxk_loss(cfg: SAEConfig, params: dict, pre: jax.Array, resid: jax.Array, dead: jax.Array) -> jax.Array:
@@ -252,7 +188,3 @@ def _auxk_ratio(cfg: SAEConfig, e_hat: jax.Array, resid: jax.Array, dead: jax.Ar
     # Scale down while fewer latents are dead than n_aux (sparsify); exactly 0 when none are.
     scale = jnp.minimum(n_dead / cfg.n_aux, 1.0)
     return jnp.where(n_dead > 0, scale * num / den, 0.0)
-
-
-def uses_topk(cfg: SAEConfig) -> bool:
-    return cfg.arch in TOPK_FAMILY

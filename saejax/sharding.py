@@ -1,4 +1,4 @@
-"""Scaling out: device meshes, member sharding, several hosts, reduced precision.
+"""Scaling out: hosts, device meshes and the placement of arrays on them.
 
 saejax scales on JAX's own machinery, not on process pools. Training is ``jit(vmap(scan(step)))``
 over *members* (seed x swept float); this module lays that member axis over a device mesh:
@@ -16,27 +16,25 @@ over *members* (seed x swept float); this module lays that member axis over a de
 - Several hosts: :func:`maybe_initialize_distributed` calls ``jax.distributed.initialize()`` when
   the environment describes a multi-host job; :func:`is_main_process` gates writing results;
   :func:`process_slice` is the rows of a batch this host reads; :func:`to_host` gathers results.
-- Reduced precision: :func:`in_compute_dtype` runs an SAE loss in bfloat16 (activations and
-  matmuls) over float32 master weights; gradients and Adam stay float32.
-- :func:`all_pairs_sharded`: the stability kernel with its seed-pair list sharded over devices.
+
+Reduced precision is :mod:`saejax.precision`; the stability kernel shards its seed pairs itself
+(``saejax.stability.all_pairs(..., mesh=)``).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from contextlib import contextmanager
-from functools import lru_cache, partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from saejax.errors import check
 
 MEMBERS, BATCH, PAIRS = "members", "batch", "pairs"
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -251,106 +249,3 @@ def to_host(tree):
         return np.asarray(jax.device_get(a))
 
     return jax.tree.map(get, tree)
-
-
-# ----------------------------------------------------------------------------- precision
-def compute_dtype(name: str | None):
-    """The JAX dtype for a ``TrainConfig.compute_dtype`` name (``None`` = float32)."""
-    name = name or "float32"
-    check(name in COMPUTE_DTYPES, f"compute_dtype must be one of {tuple(COMPUTE_DTYPES)}, got {name!r}")
-    return COMPUTE_DTYPES[name]
-
-
-def in_compute_dtype(loss_fn, dtype):
-    """``loss_fn(params, x, *rest)`` evaluated in ``dtype`` over float32 master parameters.
-
-    Mixed precision as in Micikevicius et al. (2018, arXiv:1710.03740) without loss scaling
-    (bfloat16 keeps float32's exponent range): floating parameters and ``x`` are cast to ``dtype``
-    inside the function, so forward and backward matmuls run in ``dtype`` while the gradient
-    arrives in float32 through the casts' transposes; every floating output is returned as
-    float32. ``dtype`` float32 (or ``None``/``"float32"``) returns ``loss_fn`` itself.
-    JumpReLU thresholds are cast too, so its straight-through window (``jump_bandwidth``) is
-    resolved only to bfloat16's ~3 significant digits: prefer float32 for JumpReLU.
-    """
-    dtype = compute_dtype(dtype) if dtype is None or isinstance(dtype, str) else dtype
-    if jnp.dtype(dtype) == jnp.float32:
-        return loss_fn
-
-    def cast(a, to):
-        return a.astype(to) if jnp.issubdtype(a.dtype, jnp.floating) else a
-
-    def wrapped(params, x, *rest):
-        out = loss_fn(jax.tree.map(partial(cast, to=dtype), params), cast(x, dtype), *rest)
-        return jax.tree.map(partial(cast, to=jnp.float32), out)
-
-    return wrapped
-
-
-# ----------------------------------------------------------------------------- stability
-def pair_mesh(devices=None) -> Mesh:
-    """A 1-D ``('pairs',)`` mesh over every device, for :func:`all_pairs_sharded`."""
-    devices = list(jax.devices() if devices is None else devices)
-    return jax.make_mesh((len(devices),), (PAIRS,), axis_types=(AxisType.Auto,), devices=devices)
-
-
-@lru_cache(maxsize=64)
-def _sharded_kernel(mesh: Mesh, k: int, chunk: int, signed: bool, masked: bool):
-    from saejax.stability import kernel as K
-
-    axis = mesh.axis_names[0]
-    kernel = partial(K._all_pairs_jit, k=k, chunk=chunk, signed=signed, masked=masked)
-    return jax.jit(jax.shard_map(kernel, mesh=mesh, in_specs=(P(), P(), P(axis)), out_specs=P(axis),
-                                 check_vma=False))
-
-
-def all_pairs_sharded(dicts, *, mesh: Mesh | None = None, top_k: int = 8, chunk: int | None = None,
-                      pairs=None, alive=None, signed: bool = False):
-    """:func:`saejax.stability.kernel.all_pairs` with the seed-pair list sharded over devices.
-
-    The ``P`` pairs are padded to a multiple of the device count (with copies of the first pair)
-    and split into equal contiguous blocks; ``shard_map`` runs the same jitted kernel on every
-    device over its block (stacked dictionaries replicated: ``S * n * d * 4`` bytes per device),
-    and the padding is trimmed. Same arguments and outputs as ``all_pairs``; equal values.
-    """
-    from saejax.stability import kernel as K
-
-    mesh = pair_mesh() if mesh is None else mesh
-    dicts, pairs, k, chunk, ok = K.all_pairs_inputs(dicts, top_k, chunk, pairs, alive)
-    s, n, _ = dicts.shape
-    n_dev = mesh.shape[mesh.axis_names[0]]
-    padded = pad_members(pairs, -(-len(pairs) // n_dev) * n_dev)
-    fn = _sharded_kernel(mesh, k, chunk, bool(signed), alive is not None)
-    rep = NamedSharding(mesh, P())
-    stats = fn(put(dicts, rep), put(ok, rep), put(padded, NamedSharding(mesh, P(mesh.axis_names[0]))))
-    stats = trim_members(to_host(stats), len(pairs))
-    return K.AllPairs(pairs, K.PairStats(*(jnp.asarray(a) for a in stats)))
-
-
-@contextmanager
-def sharded_pairs(mesh: Mesh | None = None):
-    """Within this block, :func:`saejax.stability.stability_report` runs its all-pairs kernel
-    sharded over ``mesh`` (default: every device) via :func:`all_pairs_sharded`.
-
-    Every report value is unchanged (the kernel's per-pair numbers are identical); only where
-    the pairs are computed changes. With one device this is a no-op.
-    """
-    from saejax.stability import report as R
-
-    mesh = pair_mesh() if mesh is None else mesh
-    if mesh.size == 1:
-        yield
-        return
-    original = R.all_pairs
-    R.all_pairs = partial(all_pairs_sharded, mesh=mesh)
-    try:
-        yield
-    finally:
-        R.all_pairs = original
-
-
-def stability_report_sharded(*args, mesh: Mesh | None = None, **kwargs):
-    """:func:`saejax.stability.stability_report` with seed pairs sharded over every device."""
-    from saejax.stability import stability_report
-
-    with sharded_pairs(mesh):
-        return stability_report(*args, **kwargs)

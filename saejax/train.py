@@ -12,7 +12,6 @@ existing ones, and a seed trained in an ensemble equals the same seed trained al
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import time
 from collections import Counter
@@ -25,7 +24,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from saejax import kernels, sae, sharding
+from saejax import archs, kernels, precision, sae, sharding
 from saejax.config import SAEConfig, TrainConfig, closest
 from saejax.data import Source
 from saejax.errors import ConfigError, check
@@ -33,6 +32,9 @@ from saejax.errors import ConfigError, check
 SWEEPABLE = ("lr", "l1_coef", "l0_coef", "aux_coef")
 METRICS = ("loss", "mse", "fvu", "l0", "aux", "sparsity", "dead_frac", "dec_norm_err")
 MEMBER_AXIS = "member"  # name of the vmapped member axis inside a chunk program
+DIVERGENCE = 1e4
+"""A member whose loss exceeds this many times its first-step loss has diverged: it is frozen at its
+last good step and reported as failed, like a member whose loss or parameters turn non-finite."""
 TRACES: Counter = Counter()  # how often each chunk program was traced (tests assert on it)
 
 
@@ -44,7 +46,8 @@ class TrainState:
     since_fired: jax.Array  # [d_sae] int32: tokens since each latent last fired (capped)
     threshold: jax.Array  # BatchTopK inference threshold (EMA of the smallest kept value)
     ok: jax.Array  # bool: no non-finite loss so far; a failed member is frozen
-    bad_step: jax.Array  # int32: first step whose loss was not finite, -1 if none
+    bad_step: jax.Array  # int32: first step whose loss was not finite or diverged, -1 if none
+    loss0: jax.Array  # float32: the loss of the first step (the divergence reference), -1 before it
 
 
 @dataclass
@@ -96,11 +99,11 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------- one step
-def lr_schedule(tc: TrainConfig, total: int, step: jax.Array) -> jax.Array:
-    """Multiplier of the peak learning rate at ``step`` (0-based)."""
+def lr_schedule(tc: TrainConfig, total, step: jax.Array) -> jax.Array:
+    """Multiplier of the peak learning rate at ``step`` (0-based); ``total`` may be traced."""
     t = step.astype(jnp.float32)
     warm = jnp.minimum(1.0, (t + 1) / tc.warmup_steps) if tc.warmup_steps else 1.0
-    span = max(total - tc.warmup_steps, 1)
+    span = jnp.maximum(jnp.asarray(total, jnp.float32) - tc.warmup_steps, 1.0)
     frac = jnp.clip((t - tc.warmup_steps) / span, 0.0, 1.0)
     decay = {"constant": 1.0, "linear": 1.0 - frac, "cosine": 0.5 * (1 + jnp.cos(jnp.pi * frac))}[tc.decay]
     return warm * decay
@@ -120,7 +123,8 @@ def init_state(sae_cfg: SAEConfig, tc: TrainConfig, key: jax.Array, b_dec: jax.A
     params = sae.init(sae_cfg, key, b_dec)
     return TrainState(params=params, opt=make_optimizer(tc).init(params), step=jnp.zeros((), jnp.int32),
                       since_fired=jnp.zeros(sae_cfg.d_sae, jnp.int32), threshold=jnp.full((), -1.0, jnp.float32),
-                      ok=jnp.ones((), bool), bad_step=jnp.full((), -1, jnp.int32))
+                      ok=jnp.ones((), bool), bad_step=jnp.full((), -1, jnp.int32),
+                      loss0=jnp.full((), -1.0, jnp.float32))
 
 
 def train_step(sae_cfg: SAEConfig, tc: TrainConfig, total: int, state: TrainState, x: jax.Array,
@@ -145,11 +149,14 @@ def train_step(sae_cfg: SAEConfig, tc: TrainConfig, total: int, state: TrainStat
         params = {**params, "W_dec": _unit_rows(params["W_dec"])}
     since = jnp.where(fired, 0, jnp.minimum(state.since_fired + x.shape[0], sae_cfg.dead_tokens))
     threshold = state.threshold
-    if sae_cfg.arch == "batchtopk":
+    if archs.get(sae_cfg.arch).ema_threshold:
         threshold = jnp.where(threshold < 0, min_kept, 0.99 * threshold + 0.01 * min_kept)
-    finite = jnp.isfinite(loss)
+    loss0 = jnp.where(state.loss0 < 0, loss.astype(jnp.float32), state.loss0)
+    # a member fails on a non-finite loss or update, or a loss DIVERGENCE times its first one
+    finite = jnp.isfinite(loss) & (loss <= DIVERGENCE * jnp.maximum(loss0, 1e-6)) & jnp.all(
+        jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(params)]))
     take = active & state.ok & finite
-    new = TrainState(params=params, opt=opt, step=state.step + 1, since_fired=since, threshold=threshold,
+    new = TrainState(params=params, opt=opt, step=state.step + 1, since_fired=since, threshold=threshold, loss0=loss0,
                      ok=state.ok & (finite | ~active),
                      bad_step=jnp.where(state.ok & active & ~finite, state.step, state.bad_step))
     kept = jax.tree.map(lambda a, b: jnp.where(take, a, b), new, state)
@@ -168,7 +175,7 @@ def _loss_and_grads(sae_cfg, tc, params, x, hp, dead, ramp, axis_name):
     keeps ``lax.cond`` a real branch under ``vmap`` instead of a select that runs both sides.
     """
     def run(cfg):
-        fn = jax.value_and_grad(sharding.in_compute_dtype(partial(sae.loss, cfg), tc.compute_dtype), has_aux=True)
+        fn = jax.value_and_grad(precision.in_compute_dtype(partial(sae.loss, cfg), tc.compute_dtype), has_aux=True)
         return fn(params, x, hp, dead, ramp)
 
     if sae_cfg.n_aux == 0:
@@ -179,15 +186,26 @@ def _loss_and_grads(sae_cfg, tc, params, x, hp, dead, ramp, axis_name):
     return jax.lax.cond(any_dead > 0, lambda: run(sae_cfg), lambda: run(sae_cfg.replace(aux_k=0)))
 
 
-@lru_cache(maxsize=32)
-def chunk_program(sae_cfg: SAEConfig, tc: TrainConfig, total: int, shared_data: bool):
-    """``jit(vmap(scan(train_step)))`` for a chunk; cached so equal configs compile once."""
+def program_key(tc: TrainConfig) -> TrainConfig:
+    """The train config as the compiled program sees it: the training length is a traced input,
+    so runs of any length with otherwise equal configs share one compile."""
+    return tc.replace(steps=1, epochs=None)
 
-    def member(state, xs, actives, hp, scale):
-        TRACES[(sae_cfg, tc, total, shared_data)] += 1  # runs only while tracing
+
+@lru_cache(maxsize=32)
+def chunk_program(sae_cfg: SAEConfig, tc: TrainConfig, shared_data: bool):
+    """``jit(vmap(scan(train_step)))`` for a chunk; cached so equal configs compile once. Steps
+    past the end (``actives`` False) are skipped by a ``lax.cond`` on an unbatched predicate."""
+
+    def member(state, xs, actives, hp, scale, total):
+        TRACES[(sae_cfg, tc, shared_data)] += 1  # runs only while tracing
+
+        def step(st, x):
+            return train_step(sae_cfg, tc, total, st, x, jnp.ones((), bool), hp, scale, MEMBER_AXIS)
 
         def body(st, inp):
-            return train_step(sae_cfg, tc, total, st, inp[0], inp[1], hp, scale, MEMBER_AXIS)
+            skip = lambda: (st, jax.tree.map(jnp.zeros_like, jax.eval_shape(step, st, inp[0])[1]))  # noqa: E731
+            return jax.lax.cond(inp[1], lambda: step(st, inp[0]), skip)
 
         state, m = jax.lax.scan(body, state, (xs, actives))
         w = actives.reshape(-1, tc.log_every).astype(jnp.float32)  # window means over active steps
@@ -195,7 +213,8 @@ def chunk_program(sae_cfg: SAEConfig, tc: TrainConfig, total: int, shared_data: 
         return state, m
 
     data_axis = None if shared_data else 0
-    return jax.jit(jax.vmap(member, in_axes=(0, data_axis, None, 0, None), axis_name=MEMBER_AXIS), donate_argnums=(0,))
+    return jax.jit(jax.vmap(member, in_axes=(0, data_axis, None, 0, None, None), axis_name=MEMBER_AXIS),
+                   donate_argnums=(0,))
 
 
 # ----------------------------------------------------------------------------- driver
@@ -277,8 +296,8 @@ def train(sae_cfg: SAEConfig, tc: TrainConfig, source: Source, seeds, *, sweep: 
     failed = {int(m): int(bad[m]) for m in np.flatnonzero(bad >= 0)}
     for m, st in failed.items():
         h, s = members[m]
-        print(f"warning: seed {s} (sweep point {h}: {points[h]}) hit a non-finite loss at step {st}; "
-              "its parameters are frozen at the last finite step, other seeds are unaffected")
+        print(f"warning: seed {s} (sweep point {h}: {points[h]}) failed at step {st} (non-finite or diverged "
+              "loss or parameters); it is frozen at its last good step and left out of its cell's statistics")
     return TrainResult(sae_cfg, tc, seeds, points, state.params, scale, np.asarray(state.threshold),
                        np.asarray(state.since_fired), history, log_steps, failed, time.perf_counter() - t0)
 
@@ -295,14 +314,16 @@ def member_bytes(sae_cfg: SAEConfig, tc: TrainConfig) -> int:
     both kernels: it errs on the high side (by 5-90%; the dense TopK shapes by ~20%).
     """
     d, n, bs = sae_cfg.d_in, sae_cfg.d_sae, tc.batch_size
-    n_params = 2 * d * n + n + d + (n if sae_cfg.arch == "jumprelu" else 0)
+    arch = archs.get(sae_cfg.arch)
+    extra = sum(int(np.prod(v.shape)) for v in jax.eval_shape(lambda: arch.extra_params(sae_cfg)).values())
+    n_params = 2 * d * n + n + d + extra
     f32 = 4
     acts = 6 * bs * d
     if sae_cfg.kernel == "sparse":
         kk = sae_cfg.k + sae_cfg.n_aux
         acts += 3 * kernels.ENCODE_CHUNK * n + 8 * bs * kk + 2 * kernels.CHUNK_BYTES // f32
     else:
-        acts += {"topk": 9, "batchtopk": 9, "relu": 4, "jumprelu": 7}[sae_cfg.arch] * bs * n
+        acts += arch.dense_arrays * bs * n
     return f32 * (5 * n_params + acts)
 
 
@@ -365,7 +386,7 @@ def _train_group(sae_cfg, tc, source, members, points, total, scale, b_dec, prog
 
     bs, d = tc.batch_size, sae_cfg.d_in
     shared = tc.same_data_order
-    low = sharding.compute_dtype(tc.compute_dtype)
+    low = precision.compute_dtype(tc.compute_dtype)
     x_spec = sharding.data_spec(mesh, 3, 1) if shared else sharding.members_spec(mesh, 4, 2)
 
     def put_x(xs):  # bf16 activations travel and live on the device as bf16
@@ -373,7 +394,7 @@ def _train_group(sae_cfg, tc, source, members, points, total, scale, b_dec, prog
         return sharding.put(xs.astype(low) if low != jnp.float32 else xs, x_spec)
 
     per_chunk_cap = max(1, tc.chunk_bytes // (bs * d * 4 * (1 if shared else len(members))))
-    chunk = max(tc.log_every, min(tc.chunk_steps, per_chunk_cap, math.ceil(total / tc.log_every) * tc.log_every))
+    chunk = max(tc.log_every, min(tc.chunk_steps, per_chunk_cap))  # not the length: one program for any length
     chunk -= chunk % tc.log_every
     if shared:
         its = [source.batches(bs, seed=tc.data_seed)]
@@ -391,13 +412,14 @@ def _train_group(sae_cfg, tc, source, members, points, total, scale, b_dec, prog
     stops = sorted({int(s) for s in stops if done <= s <= total} | {total})
     if stops[0] == 0 and done == 0 and on_stop is not None:
         on_stop(group, 0, to_host(state))
-    program = chunk_program(sae_cfg, tc, total, shared)
+    program = chunk_program(sae_cfg, program_key(tc), shared)
+    total_dev = sharding.put(np.int32(total), rep)
     bar = _progress(total, progress, len(members), bs, done)
     last_ckpt = done
     xs, act = _fill(its, chunk, bs, d, next(s for s in stops if s > done) - done) if done < total else (None, None)
     scale_dev = sharding.put(np.float32(scale), rep)
     while done < total:
-        state, m = program(state, put_x(xs), sharding.put(act, rep), hp, scale_dev)
+        state, m = program(state, put_x(xs), sharding.put(act, rep), hp, scale_dev, total_dev)
         n_steps = int(act.sum())
         ends = done + np.minimum(np.arange(1, chunk // tc.log_every + 1) * tc.log_every, n_steps)
         real = np.concatenate([[True], ends[1:] > ends[:-1]])
@@ -437,8 +459,7 @@ def _progress(total: int, enabled: bool, n_members: int, bs: int, done: int = 0)
 # ----------------------------------------------------------------------------- evaluation
 @partial(jax.jit, static_argnums=0)
 def _eval_member(sae_cfg: SAEConfig, params, threshold, x):
-    thr = threshold if sae_cfg.arch == "batchtopk" else None
-    z = sae.encode(sae_cfg, params, x, thr)
+    z = sae.encode(sae_cfg, params, x, archs.get(sae_cfg.arch).threshold(threshold))
     err = sae.decode(params, z) - x
     return z, {"mse": jnp.mean(err**2), "fvu": jnp.sum(err**2) / jnp.sum((x - x.mean(0)) ** 2),
                "l0": jnp.mean(jnp.sum(z > 0, axis=1)), "fired": jnp.any(z > 0, axis=0)}

@@ -14,6 +14,7 @@ import numpy as np
 
 from saejax import SAEConfig, SyntheticSource, TrainConfig, sharding
 from saejax import train as train_mod
+from saejax.data import SourcePlan
 
 SRC = SyntheticSource(d=16, n_features=40, s=3, n_heldout=512)
 ONE = sharding.make_mesh(devices=jax.devices()[:1])
@@ -87,7 +88,7 @@ def check_stability():
     out = {}
     for name, kw in {"plain": {}, "masked": {"alive": alive}, "chosen_pairs": {"pairs": [[0, 4], [3, 1], [2, 2]]}}.items():
         a = K.all_pairs(dicts, top_k=4, chunk=20, **kw)
-        b = sharding.all_pairs_sharded(dicts, top_k=4, chunk=20, **kw)
+        b = K.all_pairs(dicts, top_k=4, chunk=20, mesh=K.pair_mesh(), **kw)
         out[name] = {"pairs_equal": bool(np.array_equal(a.pairs, b.pairs)),
                      "max_abs": max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
                                     for x, y in zip(a.stats, b.stats))}
@@ -98,23 +99,24 @@ def check_stability():
 def _stability_report(dicts):
     """The full stability report with seed pairs sharded over the devices vs on one device."""
     from saejax import stability
+    from saejax.stability import kernel as K
 
     rng = np.random.default_rng(1)
     enc = dicts + 0.3 * rng.standard_normal(dicts.shape).astype(np.float32)
     kw = dict(encoders=enc, alive=rng.random(dicts.shape[:2]) > 0.1, n_boot=200, n_perm=200, pair_block=3)
     one = stability.stability_report(dicts, **kw).to_dict()
     seen = []
-    real = sharding.all_pairs_sharded
+    real = K._all_pairs_sharded
 
     def counting(*a, **k):  # prove the sharded kernel really ran
         seen.append(k["mesh"].size)
         return real(*a, **k)
 
-    sharding.all_pairs_sharded = counting
+    K._all_pairs_sharded = counting
     try:
-        many = sharding.stability_report_sharded(dicts, **kw).to_dict()
+        many = stability.stability_report(dicts, mesh=K.pair_mesh(), **kw).to_dict()
     finally:
-        sharding.all_pairs_sharded = real
+        K._all_pairs_sharded = real
     return {"equal": json.dumps(one, sort_keys=True) == json.dumps(many, sort_keys=True),
             "sharded_calls": len(seen), "devices": sorted(set(seen)), "pwmcc": one["summary"]["pwmcc"]}
 
@@ -147,12 +149,12 @@ def check_notebook(path="experiments/colab_tpu.ipynb"):
 
             os.environ["SAEJAX_QUICK"] = "0"
             full = experiment.load(ns["EXPERIMENT"])
-            units = [u.id for u in full.units(768)]
+            units = [u.id for u in full.plan(SourcePlan(768, 10**6)).units]  # gpt2 width, without the hub
         finally:
             os.chdir(cwd)
             undo()
     return {"cells_run": len(cells), "skipped": len([c for c in nb.cells if c.cell_type == "code"]) - len(cells),
-            "runner_mesh_lines": [ln for ln in printed.get("runner", "").splitlines() if ln.startswith("mesh:")],
+            "runner_mesh_lines": [ln for ln in printed.get("runner", "").splitlines() if "mesh:" in ln],
             "figures": len(ns.get("figures", [])), "full_grid": {"source": full.source.describe(), "units": units,
                                                                "seeds": len(full.seeds)}, **seen}
 

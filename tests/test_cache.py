@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +20,9 @@ from saejax.errors import ConfigError
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from saejax import activations as A  # noqa: E402
 from test_activations import save_tiny, write_corpus  # noqa: E402  (tests/ is on sys.path)
+
+from saejax import activations as A  # noqa: E402
 
 
 def write_entry(root: Path, arr: np.ndarray, shard_rows: int, name: str = "e") -> Path:

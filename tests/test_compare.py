@@ -57,4 +57,8 @@ def test_bad_input(tmp_path, capsys):
     assert main([str(tmp_path / "a"), str(tmp_path / "b")]) == 2
     assert "d_in=4" in capsys.readouterr().err
     assert main([str(tmp_path / "a"), str(tmp_path / "missing")]) == 2
-    assert "no cfg.json" in capsys.readouterr().err
+    assert "missing' does not exist" in capsys.readouterr().err
+    (tmp_path / "b" / "sae_weights.safetensors").unlink()
+    assert main([str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "not a recognised SAE directory (found cfg.json)" in err and err.count("\n") == 1

@@ -17,10 +17,14 @@ CASES = {
 }
 
 
+ADDED = {"status"}
+"""Columns added since the fixtures were recorded (each documented in the summary schema)."""
+
+
 def _close(a, b, path=""):
     if isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys differ: {set(a) ^ set(b)}"
-        for k in a:
+        assert isinstance(b, dict) and set(a) - ADDED == set(b), f"{path}: keys differ: {(set(a) - ADDED) ^ set(b)}"
+        for k in b:
             _close(a[k], b[k], f"{path}.{k}")
     elif isinstance(a, list):
         assert isinstance(b, list) and len(a) == len(b), f"{path}: lengths differ"

@@ -152,12 +152,13 @@ def test_member_bytes_bounds_compiled_memory():
         cfg = SAEConfig(d_in=64, d_sae=1024, k=8, arch=arch, kernel=kernel)
         used = []
         for m in (1, 2):
-            prog = train_mod.chunk_program(cfg, tc, 10, True)
+            prog = train_mod.chunk_program(cfg, train_mod.program_key(tc), True)
             st = jax.eval_shape(lambda m=m: jax.vmap(partial(train_mod.init_state, cfg, tc), in_axes=(0, None))(
                 jnp.zeros((m, 2), jnp.uint32), jnp.zeros(64)))
             hp = {k: jax.ShapeDtypeStruct((m,), jnp.float32) for k in HP}
             mem = prog.lower(st, jax.ShapeDtypeStruct((2, 512, 64), jnp.float32), jax.ShapeDtypeStruct((2,), bool),
-                             hp, jax.ShapeDtypeStruct((), jnp.float32)).compile().memory_analysis()
+                             hp, jax.ShapeDtypeStruct((), jnp.float32),
+                             jax.ShapeDtypeStruct((), jnp.int32)).compile().memory_analysis()
             if mem is None:
                 pytest.skip("this backend reports no memory analysis")
             used.append(mem.temp_size_in_bytes + mem.argument_size_in_bytes)

@@ -11,7 +11,6 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from saejax import activations as A  # noqa: E402
 from saejax.errors import ConfigError  # noqa: E402
 from saejax.models import modular as M  # noqa: E402
 
@@ -54,7 +53,9 @@ def test_activations_feed_the_trainer_end_to_end(trained):
     src = M.modular_activations("add", layer=1, site="resid_post", cache_dir=root, progress=False)
     assert (src.d_in, src.n_total) == (128, 3 * P * P)
     fp = src.manifest["fingerprint"]
-    assert fp["model"] == str(path) and fp["dataset"]["kind"] == "tokens"  # the generic HF extraction path
+    assert fp["dataset"]["kind"] == "tokens"  # the generic HF extraction path
+    plan = M.plan_activations("add", layer=1, site="resid_post", cache_dir=root)  # from the config alone
+    assert (plan.d_in, plan.n_tokens) == (src.d_in, src.n_tokens) and plan.lines[0] == "model: in the cache"
     labels = M.row_labels(src, "add")
     assert (labels["answer"] == (labels["a"] + labels["b"]) % P).all()
     assert np.bincount(labels["position"]).tolist() == [P * P] * 3

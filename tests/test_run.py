@@ -77,7 +77,6 @@ def test_exported_sae_loads_back_and_matches(smoke):
 def test_rerun_skips_finished_cells(smoke):
     out, _ = smoke
     before = (out / "summary.json").read_text()
-    t = time.perf_counter()
     r = run(SMOKE, "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / "summary.json").read_text() == before

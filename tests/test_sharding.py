@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saejax import ConfigError, SAEConfig, SyntheticSource, TrainConfig, sae, sharding
+from saejax import ConfigError, SAEConfig, SyntheticSource, TrainConfig, precision, sae, sharding
 from saejax.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,9 +169,9 @@ def test_bfloat16_loss_has_float32_gradients_close_to_float32():
     hp = {"lr": 1.0, "l1_coef": 0.0, "l0_coef": 0.0, "aux_coef": 1 / 32}
     dead = jnp.zeros(32, bool)
     f32 = partial(sae.loss, cfg)
-    assert sharding.in_compute_dtype(f32, "float32") is f32
+    assert precision.in_compute_dtype(f32, "float32") is f32
     grad = lambda fn: jax.jit(jax.grad(lambda p: fn(p, x, hp, dead, 1.0)[0]))(params)  # noqa: E731
-    g32, g16 = grad(f32), grad(sharding.in_compute_dtype(f32, "bfloat16"))
+    g32, g16 = grad(f32), grad(precision.in_compute_dtype(f32, "bfloat16"))
     assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(g16))
     for k in g32:
         assert float(jnp.linalg.norm(g16[k] - g32[k]) / jnp.linalg.norm(g32[k])) < 0.05, k

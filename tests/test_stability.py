@@ -11,9 +11,24 @@ from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 from scipy.special import gamma
 
 from saejax.errors import ConfigError
-from saejax.stability import (MASKED, activation_corr, all_pairs, effective_rank, expected_max_abs_cos, gt_mcc,
-                              match, matching_metrics, pair_stats, pw_mcc, pwmcc, random_baseline,
-                              random_dictionaries, shared_fraction, simulate_baseline, stability_report)
+from saejax.stability import (
+    MASKED,
+    activation_corr,
+    all_pairs,
+    effective_rank,
+    expected_max_abs_cos,
+    gt_mcc,
+    match,
+    matching_metrics,
+    pair_stats,
+    pw_mcc,
+    pwmcc,
+    random_baseline,
+    random_dictionaries,
+    shared_fraction,
+    simulate_baseline,
+    stability_report,
+)
 
 
 def rand(rng, *shape):

@@ -41,12 +41,13 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from saejax.cache import CachedActivations, cache_root, fingerprint_key
+from saejax.data import SourcePlan
 from saejax.errors import check
 
 TASKS = ("add", "mul", "both")
@@ -263,6 +264,26 @@ def _positions(positions, length: int):
         check(positions in ("all", "last"), f"positions must be 'all', 'last' or a tuple of ints, got {positions!r}")
         return None if positions == "all" else (length - 1,)
     return tuple(int(p) for p in positions)
+
+
+def plan_activations(task: str = "add", layer: int = 1, site: str = "resid_post", positions="all", *,
+                     cache_dir=None) -> SourcePlan:
+    """What :func:`modular_activations` would do and give, from the config alone (nothing trained)."""
+    from saejax.activations import SITES, parse_hook
+    from saejax.cache import default_heldout
+
+    cfg = default_config(task)
+    (layer, site), = parse_hook(site, (layer,)) if site in SITES else parse_hook(site)
+    check(0 <= layer < cfg.n_layer, f"layer {layer} is out of range for the {cfg.n_layer}-layer modular model: "
+                                    f"valid layers are 0..{cfg.n_layer - 1}")
+    ids = prompts(cfg.task, cfg.p)["ids"]
+    pos = _positions(positions, ids.shape[1])
+    total = len(ids) * (ids.shape[1] if pos is None else len(pos))
+    trained = (model_dir(cfg, cache_dir) / "training.json").is_file()
+    lines = ("model: in the cache" if trained else "model: trains first (about 70 s on 2 CPU cores)",
+             f"activations: {total:,} rows x {cfg.n_embd} ({total * cfg.n_embd * 4 / 2**20:.1f} MiB), "
+             "extracted once and cached")
+    return SourcePlan(cfg.n_embd, total - default_heldout(total), lines)
 
 
 def modular_activations(task: str = "add", layer: int = 1, site: str = "resid_post", positions="all", *,

@@ -15,11 +15,9 @@ Dictionaries are ``[n_latents, d_in]`` arrays of directions (decoder rows ``W_de
 from saejax.stability.baseline import expected_max_abs_cos, random_baseline, random_dictionaries, simulate_baseline
 from saejax.stability.kernel import MASKED, AllPairs, PairStats, all_pairs, normalize, pair_stats
 from saejax.stability.matching import Matching, match
-from saejax.stability.metrics import (activation_corr, effective_rank, gt_mcc, matching_metrics, pw_mcc, pwmcc,
-                                      shared_fraction)
+from saejax.stability.metrics import activation_corr, effective_rank, gt_mcc, matching_metrics, pw_mcc, pwmcc, shared_fraction
 from saejax.stability.report import StabilityReport, stability_report
-from saejax.stability.stats import (bootstrap_ci, bootstrap_pairwise, cohens_d, pairwise_mean, permutation_test,
-                                    seed_scores)
+from saejax.stability.stats import bootstrap_ci, bootstrap_pairwise, cohens_d, pairwise_mean, permutation_test, seed_scores
 
 __all__ = [
     "MASKED", "AllPairs", "Matching", "PairStats", "StabilityReport", "activation_corr", "all_pairs",

@@ -14,15 +14,18 @@ walked by ``lax.map``, so memory is ``O(chunk * n_b)`` whatever the number of se
 
 from __future__ import annotations
 
-from functools import partial
+from functools import lru_cache, partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from saejax.errors import check
+from saejax.sharding import pad_members, put, to_host, trim_members
 
 HIGHEST = lax.Precision.HIGHEST
 MASKED = -3.0
@@ -192,14 +195,17 @@ def pair_stats(a, b, *, top_k: int = 8, chunk: int | None = None, alive_a=None, 
 
 
 def all_pairs(dicts, *, top_k: int = 8, chunk: int | None = None, pairs=None, alive=None,
-              signed: bool = False) -> AllPairs:
+              signed: bool = False, mesh=None) -> AllPairs:
     """:func:`pair_stats` for every seed pair ``i < j`` of stacked dictionaries ``[S, n, d]``.
 
     One jitted program: dictionaries are normalised once, pairs are walked with ``lax.map`` and
     each pair's ``[n, n]`` cosine table is produced ``chunk`` rows at a time, so peak memory is
     ``O(chunk * n)`` plus the outputs (``O(P * n * k)``). ``pairs`` (``[P, 2]``) restricts the work to
     chosen pairs (e.g. only trained-vs-random pairs); ``alive`` (``[S, n]`` bool) masks dead latents.
+    ``mesh``: a 1-D device mesh (:func:`pair_mesh`) over which the pair list is sharded (same values).
     """
+    if mesh is not None and mesh.size > 1:
+        return _all_pairs_sharded(dicts, mesh=mesh, top_k=top_k, chunk=chunk, pairs=pairs, alive=alive, signed=signed)
     dicts, pairs, k, chunk, ok = all_pairs_inputs(dicts, top_k, chunk, pairs, alive)
     stats = _all_pairs_jit(dicts, ok, pairs, k=k, chunk=chunk, signed=bool(signed), masked=alive is not None)
     return AllPairs(pairs, stats)
@@ -228,3 +234,39 @@ def _check_chunk(chunk, n_a: int, n_b: int) -> int:
         chunk = default_chunk(n_b)
     check(int(chunk) >= 1, f"chunk must be >= 1, got {chunk}")
     return int(min(int(chunk), n_a))
+
+
+# ----------------------------------------------------------------------------- sharded over devices
+def pair_mesh(devices=None) -> Mesh:
+    """A 1-D ``('pairs',)`` mesh over every device, for :func:`all_pairs` with ``mesh``."""
+    devices = list(jax.devices() if devices is None else devices)
+    return jax.make_mesh((len(devices),), ("pairs",), axis_types=(AxisType.Auto,), devices=devices)
+
+
+@lru_cache(maxsize=64)
+def _sharded_kernel(mesh: Mesh, k: int, chunk: int, signed: bool, masked: bool):
+    axis = mesh.axis_names[0]
+    kernel = partial(_all_pairs_jit, k=k, chunk=chunk, signed=signed, masked=masked)
+    return jax.jit(jax.shard_map(kernel, mesh=mesh, in_specs=(P(), P(), P(axis)), out_specs=P(axis),
+                                 check_vma=False))
+
+
+def _all_pairs_sharded(dicts, *, mesh: Mesh | None = None, top_k: int = 8, chunk: int | None = None,
+                      pairs=None, alive=None, signed: bool = False):
+    """:func:`saejax.stability.kernel.all_pairs` with the seed-pair list sharded over devices.
+
+    The ``P`` pairs are padded to a multiple of the device count (with copies of the first pair)
+    and split into equal contiguous blocks; ``shard_map`` runs the same jitted kernel on every
+    device over its block (stacked dictionaries replicated: ``S * n * d * 4`` bytes per device),
+    and the padding is trimmed. Same arguments and outputs as ``all_pairs``; equal values.
+    """
+    mesh = pair_mesh() if mesh is None else mesh
+    dicts, pairs, k, chunk, ok = all_pairs_inputs(dicts, top_k, chunk, pairs, alive)
+    s, n, _ = dicts.shape
+    n_dev = mesh.shape[mesh.axis_names[0]]
+    padded = pad_members(pairs, -(-len(pairs) // n_dev) * n_dev)
+    fn = _sharded_kernel(mesh, k, chunk, bool(signed), alive is not None)
+    rep = NamedSharding(mesh, P())
+    stats = fn(put(dicts, rep), put(ok, rep), put(padded, NamedSharding(mesh, P(mesh.axis_names[0]))))
+    stats = trim_members(to_host(stats), len(pairs))
+    return AllPairs(pairs, PairStats(*(jnp.asarray(a) for a in stats)))

@@ -31,8 +31,16 @@ from scipy.sparse import csr_array
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 from saejax.errors import check
-from saejax.stability.kernel import (HIGHEST, MASKED, PairStats, check_dictionary, check_mask,
-                                     check_same_width, normalize, pair_stats)
+from saejax.stability.kernel import (
+    HIGHEST,
+    MASKED,
+    PairStats,
+    check_dictionary,
+    check_mask,
+    check_same_width,
+    normalize,
+    pair_stats,
+)
 
 EDGE_TOL = 1e-5
 """Score slack treated as float32 rounding: a matching is "optimal" when its mean score is

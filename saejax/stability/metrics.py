@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from saejax.errors import check
-from saejax.stability.kernel import PairStats, check_dictionary, check_mask, check_same_width, pair_stats
+from saejax.stability.kernel import PairStats, check_dictionary, check_mask, pair_stats
 from saejax.stability.matching import Matching, _signed_cos, match
 
 THRESHOLDS = (0.5, 0.7, 0.9)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -12,8 +13,16 @@ from saejax.io import to_jsonable as _plain
 from saejax.stability.baseline import random_baseline, random_dictionaries
 from saejax.stability.kernel import PairStats, all_pairs, check_dictionary, check_mask, check_stack
 from saejax.stability.matching import Matching, match
-from saejax.stability.metrics import (CURVE, THRESHOLDS, activation_corr, effective_rank, gt_mcc,
-                                      matching_metrics, pwmcc_from_stats, shared_from_matching)
+from saejax.stability.metrics import (
+    CURVE,
+    THRESHOLDS,
+    activation_corr,
+    effective_rank,
+    gt_mcc,
+    matching_metrics,
+    pwmcc_from_stats,
+    shared_from_matching,
+)
 from saejax.stability.stats import bootstrap_ci, cohens_d, permutation_test, seed_scores
 
 MATRIX_KEYS = ("pwmcc", "hungarian_mean", "hungarian_median", *(f"frac_ge_{t}" for t in THRESHOLDS), "signed_mean")
@@ -51,7 +60,7 @@ def stability_report(decoders, encoders=None, *, alive=None, latents=None, true_
                      activations=None, seeds=None, random_control=None, n_random: int | None = None,
                      top_k: int = 32, method: str = "auto", dense_max: int = 2048, shared_threshold: float = 0.7,
                      n_boot: int = 2000, n_perm: int = 2000, level: float = 0.95, n_examples: int = 3,
-                     pair_block: int = 8, key=0) -> StabilityReport:
+                     pair_block: int = 8, key=0, mesh=None) -> StabilityReport:
     """Cross-seed stability of ``S >= 2`` SAEs: decoders ``[S, d_sae, d_in]`` (rows of ``W_dec``).
 
     Optional inputs: ``encoders`` ``[S, d_sae, d_in]`` (``W_enc.T``), ``alive`` ``[S, d_sae]`` bool
@@ -59,7 +68,8 @@ def stability_report(decoders, encoders=None, *, alive=None, latents=None, true_
     ``true_dictionary`` ``[n_features, d_in]``, ``activations`` ``[n, d_in]`` held-out inputs,
     ``seeds`` (labels), ``random_control``: ``None`` draws ``n_random`` (default ``min(S, 4)``,
     at least 2) isotropic random dictionaries of the same shape, an array ``[R, d_sae, d_in]``
-    uses those (e.g. untrained SAE decoders), ``False`` skips the empirical control.
+    uses those (e.g. untrained SAE decoders), ``False`` skips the empirical control; ``mesh``: a
+    1-D device mesh (:func:`~saejax.stability.kernel.pair_mesh`) over which seed pairs are sharded.
 
     Per seed pair: decoder PWMCC (:func:`~saejax.stability.pwmcc`) and a Hungarian matching
     (:func:`~saejax.stability.match`, ``top_k`` candidates) with :func:`matching_metrics`.
@@ -110,8 +120,9 @@ def stability_report(decoders, encoders=None, *, alive=None, latents=None, true_
     check(len(seeds) == s, f"seeds has {len(seeds)} labels for {s} seeds")
     opts = dict(top_k=top_k, method=method, dense_max=dense_max)
 
-    res = _pairs(dec, enc, None, latents, shared_threshold, pair_block, opts, n_examples)
-    live_res = _pairs(dec, enc, live, None, shared_threshold, pair_block, opts, 0) if live is not None else None
+    pairs_fn = partial(all_pairs, mesh=mesh)
+    res = _pairs(dec, enc, None, latents, shared_threshold, pair_block, opts, n_examples, pairs_fn)
+    live_res = _pairs(dec, enc, live, None, shared_threshold, pair_block, opts, 0, pairs_fn) if live is not None else None
 
     summary, matrices = {}, {}
     for name in MATRIX_KEYS:
@@ -159,7 +170,7 @@ def stability_report(decoders, encoders=None, *, alive=None, latents=None, true_
         er = effective_rank(activations)
         summary["effective_rank_pr"], summary["effective_rank_entropy"] = er["participation_ratio"], er["entropy_rank"]
 
-    summary.update(_random_control(dec, matrices["pwmcc"], random_control, n_random, n_perm, key, opts, pair_block))
+    summary.update(_random_control(dec, matrices["pwmcc"], random_control, n_random, n_perm, key, opts, pair_block, pairs_fn))
     summary["pwmcc_ratio"] = summary["pwmcc"] / summary["random_pwmcc"]
     summary["all_optimal"] = bool(all(p["optimal"] for p in res["pairs"]))
     summary["max_gap_bound"] = float(max(p["gap_bound"] for p in res["pairs"]))
@@ -198,12 +209,12 @@ def _slice(stats: PairStats, p: int) -> PairStats:
     return PairStats(*(np.asarray(f[p]) for f in stats))
 
 
-def _pwmcc_matrix(dicts, alive, pair_block, pairs=None) -> np.ndarray:
+def _pwmcc_matrix(dicts, alive, pair_block, pairs=None, pairs_fn=all_pairs) -> np.ndarray:
     s = dicts.shape[0]
     pairs = np.stack(np.triu_indices(s, 1), axis=1) if pairs is None else pairs
     out = np.full((s, s), np.nan)
     for block, valid in _blocks(pairs, 4 * pair_block):
-        st = all_pairs(dicts, top_k=1, pairs=block, alive=alive).stats
+        st = pairs_fn(dicts, top_k=1, pairs=block, alive=alive).stats
         for p, (i, j) in enumerate(block[:valid]):
             ok_i = None if alive is None else alive[i]
             ok_j = None if alive is None else alive[j]
@@ -211,7 +222,7 @@ def _pwmcc_matrix(dicts, alive, pair_block, pairs=None) -> np.ndarray:
     return out
 
 
-def _pairs(dec, enc, live, latents, shared_threshold, pair_block, opts, n_examples) -> dict:
+def _pairs(dec, enc, live, latents, shared_threshold, pair_block, opts, n_examples, pairs_fn=all_pairs) -> dict:
     """Kernel + matching for every seed pair, block by block (bounded memory)."""
     s, n, _ = dec.shape
     pairs = np.stack(np.triu_indices(s, 1), axis=1)
@@ -222,7 +233,7 @@ def _pairs(dec, enc, live, latents, shared_threshold, pair_block, opts, n_exampl
     out = {"pairs": [], "matched": [], "curves": [], "matrix": matrix, "values": {name: [] for name in names}}
     candidates = []
     for block, valid in _blocks(pairs, pair_block):
-        st = all_pairs(dec, top_k=k, pairs=block, alive=live).stats
+        st = pairs_fn(dec, top_k=k, pairs=block, alive=live).stats
         for p, (i, j) in enumerate(block[:valid]):
             ok_i, ok_j = (None, None) if live is None else (live[i], live[j])
             one = _slice(st, p)
@@ -273,7 +284,7 @@ def _pick_examples(cands, n_ex, thr) -> dict:
             "worst": by[:n_ex]}
 
 
-def _random_control(dec, trained, random_control, n_random, n_perm, key, opts, pair_block) -> dict:
+def _random_control(dec, trained, random_control, n_random, n_perm, key, opts, pair_block, pairs_fn=all_pairs) -> dict:
     s, n, d = dec.shape
     out = {"random_pwmcc_analytic": random_baseline(d, n, n), "random_pwmcc": None, "random_hungarian_mean": None,
            "p_value_vs_random": None, "cohens_d_vs_random": None, "n_random": 0}
@@ -292,7 +303,7 @@ def _random_control(dec, trained, random_control, n_random, n_perm, key, opts, p
     full = np.full((s + r, s + r), np.nan)
     full[:s, :s] = trained
     todo = np.array([(i, j) for i in range(s + r) for j in range(i + 1, s + r) if j >= s], dtype=np.int32)
-    full_new = _pwmcc_matrix(pooled, None, pair_block, pairs=todo)
+    full_new = _pwmcc_matrix(pooled, None, pair_block, pairs=todo, pairs_fn=pairs_fn)
     full[np.isnan(full)] = full_new[np.isnan(full)]
     rand_pw = full[s:, s:]
     rand_match = [matching_metrics(match(rand[i], rand[j], **opts))["hungarian_mean"] for i in range(r) for j in range(i + 1, r)]

@@ -1,67 +1,15 @@
-"""Tables and figures of an experiment: ``summary.json``, ``summary.csv``, ``figures/*.png``, ``report.md``."""
+"""The figures of a run's report (``figures/*.png``), drawn from the cell records and cell files."""
 
 from __future__ import annotations
 
-import csv
 import io
 from pathlib import Path
 
 import numpy as np
 
-from saejax.io import atomic_write, read_json, to_jsonable, write_json
-
-TABLE = [("cell", "{}"), ("pwmcc", "{:.3f}"), ("random_pwmcc", "{:.3f}"), ("pwmcc_ratio", "{:.2f}x"),
-         ("hungarian_mean", "{:.3f}"), ("frac_ge_0.7", "{:.3f}"), ("explained_variance", "{:.3f}"),
-         ("l0", "{:.1f}"), ("dead_fraction", "{:.2f}")]
-DOWNSTREAM = [("cell", "{}"), ("pwmcc", "{:.3f}"), ("ce_clean", "{:.3f}"), ("ce_spliced", "{:.3f}"),
-              ("ce_zero_ablation", "{:.3f}"), ("loss_recovered", "{:.3f}"), ("loss_recovered_ci_low", "{:.3f}"),
-              ("loss_recovered_ci_high", "{:.3f}"), ("acc_clean", "{:.3f}"), ("acc_spliced", "{:.3f}"),
-              ("kl_spliced", "{:.4f}"), ("probe_answer_raw_acc", "{:.3f}"), ("probe_answer_sae_acc", "{:.3f}"),
-              ("probe_op_raw_acc", "{:.3f}"), ("probe_op_sae_acc", "{:.3f}"), ("usage_profile_corr", "{:.3f}")]
+from saejax.io import atomic_write, read_json
 
 
-def _fmt(fmt, v):
-    return "-" if v is None else fmt.format(v)
-
-
-def table(records: list[dict], markdown: bool = False, columns=TABLE) -> str:
-    """The headline columns, one row per cell (terminal text or a markdown table)."""
-    columns = [(n, f) for n, f in columns if any(r.get(n) is not None for r in records)]
-    head = [name for name, _ in columns]
-    rows = [[_fmt(f, r.get(n)) for n, f in columns] for r in records]
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
-
-
-def write_all(exp, records: list[dict], out: Path) -> None:
-    """Everything above, atomically; figures first so a written ``report.md`` has all it links."""
-    figs = figures(records, out)
-    write_csv(out / "summary.csv", records)
-    write_json(out / "summary.json", {"experiment": exp.name, "source": exp.source.describe(),
-                                      "seeds": list(exp.seeds), "cells": records})
-    md = [f"# {exp.name}", "", f"Source: {exp.source.describe()}. Seeds: {list(exp.seeds)}.", "",
-          table(records, markdown=True), "", "Columns are documented in the saejax README.", ""]
-    if any("loss_recovered" in r or any(k.startswith("probe_") for k in r) for r in records):
-        md += ["## Downstream: spliced reconstructions and probes", "", table(records, markdown=True, columns=DOWNSTREAM), ""]
-    md += [f"## {title}\n\n![{title}]({path.relative_to(out)})\n" for title, path in figs]
-    atomic_write(out / "report.md", "\n".join(md))
-
-
-def write_csv(path: Path, records: list[dict]) -> None:
-    keys = list(dict.fromkeys(k for r in records for k in r))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
-    w.writeheader()
-    for r in to_jsonable(records):
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in keys})
-    atomic_write(path, buf.getvalue())
-
-
-# ----------------------------------------------------------------------------- figures
 def _save(fig, path: Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -73,6 +21,9 @@ def _save(fig, path: Path) -> Path:
 
 
 def figures(records: list[dict], out: Path) -> list[tuple[str, Path]]:
+    records = [r for r in records if r.get("pwmcc") is not None]  # failed cells have nothing to draw
+    if not records:
+        return []
     import matplotlib
 
     matplotlib.use("Agg")
