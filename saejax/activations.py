@@ -36,7 +36,7 @@ import numpy as np
 
 from saejax.cache import CachedActivations, CacheWriter, cache_root, default_heldout, fingerprint_key, read_manifest
 from saejax.contexts import contexts, window_for  # noqa: F401
-from saejax.corpus import HFDataset, TextFiles, TokenFile, TokenIds
+from saejax.corpus import HFDataset, PythonDocs, TextFiles, TokenFile, TokenIds
 from saejax.data import SourcePlan
 from saejax.errors import ConfigError, check
 from saejax.hf_locate import ModelInfo, ModelRef, has_mlm_head, locate
@@ -54,7 +54,7 @@ from saejax.hf_models import (  # noqa: F401
 
 EXTRACT_VERSION = 2  # bump when a change here alters the stored numbers: old caches then miss
 STORE_DTYPES = ("float32", "float16", "bfloat16")
-Dataset = TextFiles | HFDataset | TokenIds | TokenFile
+Dataset = TextFiles | HFDataset | TokenIds | TokenFile | PythonDocs
 
 
 def parse_hook(name: str, layers: tuple[int, ...] = ()) -> list[tuple[int, str]]:
@@ -110,7 +110,7 @@ class ExtractSpec:
         if self.positions is not None and not isinstance(self.positions, str):
             object.__setattr__(self, "positions", tup(self.positions))
         check(isinstance(self.model, str) and self.model, f"model must be a hub id, a directory or a .gguf file, got {self.model!r}")
-        check(isinstance(self.dataset, (TextFiles, HFDataset, TokenIds, TokenFile)),
+        check(isinstance(self.dataset, (TextFiles, HFDataset, TokenIds, TokenFile, PythonDocs)),
               f"dataset must be TextFiles, HFDataset, TokenIds or TokenFile, got {type(self.dataset).__name__}")
         check(all(isinstance(l, int) and l >= 0 for l in self.layers), f"layers must be non-negative ints, got {self.layers}")
         check(len(self.sites) > 0, "sites is empty: give at least one of " + ", ".join(SITES))
@@ -268,6 +268,8 @@ def dataset_of(name: str, src=None) -> Dataset:
     """An experiment file's ``dataset`` string: a ``.npy`` token file, a ``.txt``/``.jsonl``/``.parquet``
     file or a directory (:class:`TextFiles`), else a hub dataset name."""
     get = lambda field, default=None: getattr(src, field, default)  # noqa: E731
+    if name == "python-docs":
+        return PythonDocs()
     if name.endswith(".npy"):
         return TokenFile(name, get("pad_id"))
     if name.endswith((".txt", ".jsonl", ".parquet")) or os.path.isdir(name):

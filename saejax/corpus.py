@@ -121,6 +121,57 @@ class TextFiles:
         return ", ".join(self.paths)
 
 
+PYTHON_DOCS_MODULES = (
+    "abc", "argparse", "ast", "asyncio", "base64", "bisect", "calendar", "collections", "concurrent.futures",
+    "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "email.message", "enum",
+    "fractions", "functools", "glob", "gzip", "hashlib", "heapq", "html.parser", "http.client", "inspect", "io",
+    "ipaddress", "itertools", "json", "logging", "math", "mimetypes", "operator", "os", "pathlib", "pickle",
+    "pprint", "queue", "random", "re", "sched", "secrets", "shelve", "shutil", "socket", "sqlite3", "statistics",
+    "string", "struct", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "timeit", "tokenize",
+    "traceback", "typing", "unittest", "urllib.parse", "uuid", "warnings", "weakref", "xml.etree.ElementTree",
+    "zipfile", "zoneinfo")
+
+
+@dataclass(frozen=True)
+class PythonDocs:
+    """A corpus every machine has, offline: the docstrings of :data:`PYTHON_DOCS_MODULES` of the
+    running Python's standard library (each module's, then each public member's, in sorted order;
+    a few MB of English prose about code). Its fingerprint hashes the text, so another Python
+    version is another corpus. Select it with ``dataset="python-docs"``."""
+
+    modules: tuple[str, ...] = PYTHON_DOCS_MODULES
+
+    def fingerprint(self, cache_dir=None) -> dict:
+        import hashlib
+
+        h = hashlib.sha256()
+        for doc in self.texts():
+            h.update(doc.encode() + b"\0")
+        return {"kind": "python-docs", "modules": list(self.modules), "sha256": h.hexdigest()}
+
+    def texts(self) -> Iterator[str]:
+        import importlib
+        import inspect
+        import warnings
+
+        for name in self.modules:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    mod = importlib.import_module(name)
+                except ImportError:  # absent from this build of Python: part of the fingerprint
+                    continue
+            if mod.__doc__:
+                yield inspect.cleandoc(mod.__doc__)
+            for attr in sorted(a for a in dir(mod) if not a.startswith("_")):
+                doc = inspect.getdoc(getattr(mod, attr, None))
+                if doc and len(doc) > 40:
+                    yield f"{name}.{attr}: {doc}"
+
+    def describe(self) -> str:
+        return "python-docs (standard-library docstrings)"
+
+
 @dataclass(frozen=True)
 class HFDataset:
     """A Hugging Face ``datasets`` corpus (needs ``pip install 'saejax[datasets]'``)."""

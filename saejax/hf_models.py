@@ -26,9 +26,13 @@ A block with none of the listed submodules for a site is a one-line error naming
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import os
 import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +70,31 @@ def auto_class_name(model_dir: Path, info) -> str:
     return "AutoModelForMaskedLM" if has_mlm_head(model_dir, info) else "AutoModel"
 
 
+VERBOSE = False
+"""Show transformers' own load reports, warnings and progress bars (``python -m saejax.run -v``)."""
+
+
+@contextmanager
+def quiet_loading():
+    """transformers' and the hub client's load reports and bars, captured unless :data:`VERBOSE`."""
+    if VERBOSE:
+        yield
+        return
+    from transformers.utils import logging as tlog
+
+    level, bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        tlog.set_verbosity(level)
+        if bars:
+            tlog.enable_progress_bar()
+
+
 def load_model(model_dir, dtype: str = "float32", device: str | None = None):
     """The model of a local directory in eval mode on ``device`` (CUDA when present, else CPU)."""
     import json
@@ -77,7 +106,8 @@ def load_model(model_dir, dtype: str = "float32", device: str | None = None):
     check(dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     info = info_from_config(json.loads((model_dir / "config.json").read_text()), model_dir.name, str(model_dir))
     cls = getattr(transformers, auto_class_name(model_dir, info))
-    model = cls.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    with quiet_loading():
+        model = cls.from_pretrained(model_dir, dtype=getattr(torch, dtype))
     return model.to(device or device_name()).eval()
 
 
@@ -87,16 +117,19 @@ def convert_gguf(gguf: Path, dest: Path) -> Path:
 
     tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    print(f"converting {gguf.name} (dequantising; once, then cached)", flush=True)
     try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        with quiet_loading():
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (ValueError, OSError) as e:
         raise ConfigError(f"cannot load GGUF file {gguf}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:  # the weights are dense already; only the marker blocks save_pretrained
         quantizer.remove_quantization_config(model)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+    with quiet_loading():
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     try:
         os.replace(tmp, dest)
     except OSError:  # another process converted it first

@@ -29,6 +29,7 @@ def parse_args(argv):
     p.add_argument("--cache-dir", help="activation/model cache (default: $SAEJAX_CACHE or the user cache dir)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--wait", action="store_true", help="wait for another run on the same --out to finish")
+    p.add_argument("-v", "--verbose", action="store_true", help="show third-party load reports and warnings")
     return p.parse_args(argv)
 
 
@@ -100,6 +101,11 @@ def _main(args) -> int:
 def _run(args, exp, plan, store, cache_dir) -> int:
     from saejax import sharding
     from saejax.cache import cache_root
+
+    if args.verbose:
+        from saejax import hf_models
+
+        hf_models.VERBOSE = True
 
     sharding.maybe_initialize_distributed()
     if not sharding.is_main_process():  # every host computes the same; only process 0 writes the results
