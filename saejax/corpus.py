@@ -155,16 +155,17 @@ class PythonDocs:
         import warnings
 
         for name in self.modules:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings():  # deprecated aliases warn when touched
                 warnings.simplefilter("ignore")
                 try:
                     mod = importlib.import_module(name)
                 except ImportError:  # absent from this build of Python: part of the fingerprint
                     continue
+                docs = [inspect.getdoc(getattr(mod, a, None)) for a in sorted(dir(mod)) if not a.startswith("_")]
+                names = [a for a in sorted(dir(mod)) if not a.startswith("_")]
             if mod.__doc__:
                 yield inspect.cleandoc(mod.__doc__)
-            for attr in sorted(a for a in dir(mod) if not a.startswith("_")):
-                doc = inspect.getdoc(getattr(mod, attr, None))
+            for attr, doc in zip(names, docs):
                 if doc and len(doc) > 40:
                     yield f"{name}.{attr}: {doc}"
 

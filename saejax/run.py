@@ -124,9 +124,14 @@ def _run(args, exp, plan, store, cache_dir) -> int:
 def _train_all(args, exp, plan, store, cache_dir) -> int:
     from saejax import sharding, summary
     from saejax.cells import run_unit
+    from saejax.plan import unit_key
+    from saejax.progress import RunClock
 
-    t0 = time.perf_counter()
+    clock = RunClock(plan.units)
+    print(f"building the source: {exp.source.describe()}", flush=True)
+    t = time.perf_counter()
     source = exp.source.build(cache_dir, progress=not args.no_progress)
+    clock.stage("source", time.perf_counter() - t)
     check(source.d_in == plan.source.d_in, f"the source has d_in={source.d_in}, its plan said {plan.source.d_in}")
     check(source.n_tokens == plan.source.n_tokens,
           f"the source has {source.n_tokens} training tokens, its plan said {plan.source.n_tokens}")
@@ -134,13 +139,18 @@ def _train_all(args, exp, plan, store, cache_dir) -> int:
     for i, unit in enumerate(plan.units, 1):
         mesh = sharding.describe_mesh(n_members=unit.n_members, batch_size=unit.train.batch_size,
                                       shape=unit.train.mesh_shape)
-        print(f"[{i}/{len(plan.units)}] {unit.id}" + (f"  ({mesh})" if mesh != last_mesh else ""))
+        print(clock.line(i, unit) + (f"  {mesh}" if mesh != last_mesh else ""), flush=True)
         last_mesh = mesh
+        t = time.perf_counter()
+        trained = store.status(store.unit_dir(unit.id, unit_key(exp, unit))) != "done"
         records += run_unit(exp, unit, source, store, progress=not args.no_progress, cache_dir=cache_dir)
+        clock.unit_done(unit, time.perf_counter() - t, trained)
+    t = time.perf_counter()
     summary.write_all(exp, records, store.out)
+    clock.stage("report", time.perf_counter() - t)
     print(summary.table(records))
-    print(f"\n{len(records)} cells in {time.perf_counter() - t0:.0f} s; results in {store.out}/ "
-          f"(summary.json, summary.csv, report.md, figures/)")
+    print(f"\n{len(records)} cells; results in {store.out}/ (summary.json, summary.csv, report.md, figures/)")
+    print(clock.summary())
     return 0
 
 

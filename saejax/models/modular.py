@@ -217,6 +217,7 @@ def load_or_train(task: str = "add", *, config: ModularConfig | None = None, cac
     final = model_dir(cfg, cache_dir)
     if (final / "training.json").is_file():
         return final, json.loads((final / "training.json").read_text())
+    print(f"training the embedded modular-{cfg.task} model (once, then cached; about 70 s on 2 CPU cores)", flush=True)
     model, info = train_modular(cfg, progress=progress)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
