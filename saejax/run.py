@@ -8,6 +8,7 @@ A killed run resumes: finished units are skipped, an unfinished one restarts fro
 from __future__ import annotations
 
 import argparse
+import errno
 import signal
 import sys
 import threading
@@ -72,6 +73,13 @@ def main(argv=None) -> int:
         return _main(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = e.filename or (args.out or "the output or cache directory")
+        print(f"error: no space left on the device writing {where}; finished results are intact, "
+              "free some space and run the same command to resume", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: finished cells and the last checkpoint are kept; run the same command to resume",
