@@ -47,8 +47,10 @@ def write_all(exp, records: list[dict], out: Path) -> None:
     write_csv(out / "summary.csv", records)
     write_json(out / "summary.json", {"experiment": exp.name, "source": exp.source.describe(),
                                       "seeds": list(exp.seeds), "cells": records})
+    from saejax.findings import findings
+
     md = [f"# {exp.name}", "", f"Source: {exp.source.describe()}. Seeds: {list(exp.seeds)}.", "",
-          table(records, markdown=True), "", "Columns are documented in saejax's `docs/columns.md`.", ""]
+          "## Findings", "", *findings(records), "", "## Cells", "", table(records, markdown=True), "", "Columns are documented in saejax's `docs/columns.md`.", ""]
     bad = [r for r in records if r.get("status", "ok") != "ok"]
     if bad:
         md += ["## Failed seeds and cells", "", "Failed seeds are left out of their cell's statistics "

@@ -1,0 +1,47 @@
+"""The opening of ``report.md``: a few sentences generated from the cell records that answer the
+question (which cells agree beyond chance, by how much, whether features recur), so the reader
+does not have to work it out from the tables."""
+
+from __future__ import annotations
+
+from math import comb
+
+
+def _ci(r: dict) -> str:
+    return f"{r['pwmcc']:.3f} [{r['pwmcc_ci_low']:.3f}, {r['pwmcc_ci_high']:.3f}]"
+
+
+def findings(records: list[dict]) -> list[str]:
+    """Markdown bullet lines; every number comes from the records."""
+    ok = [r for r in records if r.get("pwmcc") is not None]
+    out = []
+    if len(ok) < len(records):
+        out.append(f"- {len(records) - len(ok)} of {len(records)} cells failed (fewer than 2 healthy seeds); see below.")
+    if not ok:
+        return out
+    above = [r for r in ok if r["pwmcc_ci_low"] is not None and r["pwmcc_ci_low"] > r["random_pwmcc"]]
+    out.append(f"- {len(above)} of {len(ok)} cells agree across seeds beyond chance (the 95% CI of PWMCC lies "
+               "above the untrained control of the same shape); "
+               + ("none do." if not above else f"the ratio to chance runs {min(r['pwmcc_ratio'] for r in above):.2f}x"
+                  f"-{max(r['pwmcc_ratio'] for r in above):.2f}x."))
+    best, worst = max(ok, key=lambda r: r["pwmcc_ratio"]), min(ok, key=lambda r: r["pwmcc_ratio"])
+    out.append(f"- Most stable: `{best['cell']}`, PWMCC {_ci(best)} vs chance {best['random_pwmcc']:.3f} "
+               f"({best['pwmcc_ratio']:.2f}x); least: `{worst['cell']}`, {_ci(worst)} vs {worst['random_pwmcc']:.3f} "
+               f"({worst['pwmcc_ratio']:.2f}x).")
+    for t in ("0.7", "0.9"):
+        key = f"frac_ge_{t}"
+        vals = [r for r in ok if r.get(key) is not None]
+        if vals:
+            top = max(vals, key=lambda r: r[key])
+            none = sum(r[key] < 0.005 for r in vals)
+            out.append(f"- Features that recur (one-to-one match at |cos| >= {t}): at most {100 * top[key]:.1f}% of "
+                       f"latents (`{top['cell']}`); {none} of {len(vals)} cells have under 0.5%.")
+    floors = [r for r in ok if r.get("p_value_vs_random") is not None and r.get("n_random")]
+    if floors:
+        r0 = floors[0]
+        floor = 1 / comb(r0["n_seeds"] + r0["n_random"], r0["n_seeds"])
+        at = sum(abs(r["p_value_vs_random"] - floor) < 1e-9 for r in floors)
+        out.append(f"- p-values resolve only down to 1/{comb(r0['n_seeds'] + r0['n_random'], r0['n_seeds'])} = {floor:.4f} "
+                   f"({r0['n_seeds']} trained vs {r0['n_random']} random seeds); {at} of {len(floors)} cells sit at that "
+                   "floor, so read the ratios and CIs, not the p-values, to rank them.")
+    return out
