@@ -36,7 +36,8 @@ def figures(records: list[dict], out: Path) -> list[tuple[str, Path]]:
     # pairwise seed heatmap of the most stable cell
     mat = np.array(rep["matrices"]["pwmcc"], dtype=float)
     fig, ax = plt.subplots(figsize=(4.2, 3.6))
-    im = ax.imshow(mat, vmin=0, vmax=1, cmap="viridis")
+    vals = mat[~np.isnan(mat)]
+    im = ax.imshow(mat, vmin=min(vals.min(), best["random_pwmcc"]), vmax=vals.max(), cmap="viridis")
     seeds = rep.get("seeds", list(range(len(mat))))
     ax.set_xticks(range(len(seeds)), seeds)
     ax.set_yticks(range(len(seeds)), seeds)
@@ -44,7 +45,9 @@ def figures(records: list[dict], out: Path) -> list[tuple[str, Path]]:
         for j in range(len(mat)):
             if i != j:
                 ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
-    fig.colorbar(im, ax=ax, label="PWMCC")
+    bar = fig.colorbar(im, ax=ax, label="PWMCC")
+    bar.ax.axhline(best["random_pwmcc"], color="r", lw=2)  # chance, marked on the colour scale
+    bar.ax.text(1.05, best["random_pwmcc"], " chance", color="r", fontsize=7, transform=bar.ax.get_yaxis_transform())
     ax.set_title(f"PWMCC between seeds: {best['cell']}", fontsize=9)
     made.append(("Pairwise seed PWMCC (most stable cell)", _save(fig, fdir / "heatmap.png")))
     # matched cosines, trained vs random control
@@ -69,8 +72,10 @@ def figures(records: list[dict], out: Path) -> list[tuple[str, Path]]:
         dyn = read_json(out / "cells" / r["cell"] / "history.json").get("dynamics") or []
         if dyn:
             label = r["cell"].rsplit("-len", 1)[0]
-            ax.plot([d["step"] for d in dyn], [d["pwmcc"] for d in dyn], marker="o", ms=3, label=label)
-    ax.axhline(np.mean([r["random_pwmcc"] for r in records]), color="k", ls=":", lw=1, label="random")
+            line, = ax.plot([d["step"] for d in dyn], [d["pwmcc"] for d in dyn], marker="o", ms=3, label=label)
+            ax.axhline(r["random_pwmcc"], color=line.get_color(), ls=":", lw=1)  # this cell's own chance
+    ax.plot([], [], color="k", ls=":", lw=1, label="chance (per cell, same colour)")
+    ax.set_title("Cross-seed PWMCC during training", fontsize=9)
     ax.set_xlabel("training step")
     ax.set_ylabel("PWMCC across seeds")
     ax.legend(fontsize=6, ncol=2)
