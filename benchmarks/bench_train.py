@@ -105,7 +105,8 @@ def ensemble(shape, n_seeds: int, kernel: str, steps: int, *, aux_active: bool =
     d, n, k = shape
     cfg = SAEConfig(d_in=d, d_sae=n, k=k, kernel=kernel)
     tc = TrainConfig(batch_size=BATCH, steps=10**6, log_every=steps, chunk_steps=steps)
-    program = train_mod.chunk_program(cfg, tc, 10**6, True)
+    program = train_mod.chunk_program(cfg, train_mod.program_key(tc), True)
+    total = jnp.int32(10**6)
     keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(0), s) for s in range(n_seeds)])
     state = jax.jit(jax.vmap(partial(train_mod.init_state, cfg, tc), in_axes=(0, None)))(keys, jnp.zeros(d))
     if aux_active:  # half the latents are dead and stay dead (a bias that keeps them out of the top k)
@@ -118,7 +119,7 @@ def ensemble(shape, n_seeds: int, kernel: str, steps: int, *, aux_active: bool =
     box = [state, None]
 
     def run():
-        box[0], box[1] = program(box[0], xs, act, hp, scale)  # the state is donated: carry it along
+        box[0], box[1] = program(box[0], xs, act, hp, scale, total)  # the state is donated: carry it along
         jax.block_until_ready(box)
 
     run.metrics = lambda: jax.device_get(box[1])

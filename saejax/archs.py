@@ -16,6 +16,12 @@ Latent functions (written for one seed, ``pre`` is ``[B, d_sae]``):
 - ``relu``: ReLU with L1 penalty ``sum_j z_j ||W_dec[j]||`` (Bricken et al. 2023).
 - ``jumprelu``: ``z = pre * H(pre - theta)``, thresholds learned through a straight-through
   estimator and an L0 penalty (Rajamanoharan et al. 2024).
+- ``matryoshka`` and ``gated`` (in :mod:`saejax.archs_extra`): Matryoshka BatchTopK (Bussmann et
+  al. 2025) and the gated SAE (Rajamanoharan et al. 2024, arXiv:2404.16014).
+
+An entry whose objective needs the input itself (not only the pre-activations) gives a whole
+``dense_step``; one whose sparsity term has several parts returns it as a vector, one entry per
+name of its ``metrics``, and the trainer records each part next to :data:`saejax.train.METRICS`.
 """
 
 from __future__ import annotations
@@ -41,6 +47,10 @@ def _no_tensors(cfg, params, threshold) -> dict:
 
 def _from_tensors(tensors: dict) -> dict:
     return {}
+
+
+def _no_metrics(cfg) -> tuple[str, ...]:
+    return ()
 
 
 @dataclass(frozen=True)
@@ -73,6 +83,14 @@ class Arch:
     """Architecture a reloaded export runs as (BatchTopK reloads as a JumpReLU), None = itself."""
     cfg_fields: tuple[str, ...] = field(default=())
     """``SAEConfig`` fields written to ``cfg.json`` on export (e.g. ``k``)."""
+    saelens_b_enc: str = "b_enc"
+    """Name of the tensor that holds saejax's ``b_enc`` in the SAELens layout (gated SAEs: ``b_gate``)."""
+    dense_step: Callable | None = None
+    """``(cfg, params, x, hp, dead, ramp) -> Step`` replacing :func:`saejax.sae.dense_step`, for an
+    objective that needs ``x`` (Matryoshka's prefix reconstructions, the gated auxiliary loss)."""
+    metrics: Callable = _no_metrics
+    """``cfg -> names``: when non-empty, the sparsity term is a vector with one entry per name; the
+    loss adds its sum (the ``sparsity`` metric) and each entry is recorded as a training metric."""
 
     def threshold(self, threshold):
         """The inference threshold to pass to ``encode``: the trained one, or None."""
@@ -235,5 +253,7 @@ register(Arch("batchtopk", _batchtopk_train, _batchtopk_infer, uses_k=True, ema_
 register(Arch("relu", _relu_train, _relu_infer, coef="l1_coef", dense_arrays=4))
 register(Arch("jumprelu", _jump_train, _jump_infer, coef="l0_coef", extra_params=_jump_params, dense_arrays=7,
               saelens="jumprelu", to_saelens=_jump_export, from_saelens=_jump_load))
-SAELENS_NAMES = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
+SAELENS_NAMES = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
 """SAELens ``architecture`` values of pretrained SAEs (no ``saejax_arch``) and the entry that runs them."""
+
+from saejax import archs_extra  # noqa: E402,F401  (registers matryoshka and gated)

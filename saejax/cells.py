@@ -65,6 +65,24 @@ def _stability(ctx: CellContext) -> dict:
     return report.summary
 
 
+def _consensus(ctx: CellContext) -> dict:
+    """Which features recur: :func:`saejax.stability.consensus` over the cell's seeds, against the
+    random control; columns ``consensus_<metric>_<tau>`` and ``consensus_random_<metric>_<tau>``."""
+    from saejax.stability.consensus import consensus
+
+    n = len(ctx.seeds)
+    rep = consensus(ctx.view.decoders(), ctx.view.encoders(), random_control=ctx.rand["decoders"][:max(n, 2)])
+    ctx.store.write_cell(ctx.cell.id, "consensus", rep.to_dict())
+    keep = ("frac_all_", "groups_", "found_in_mean_", "orphan_frac_", "inconsistent_frac_")
+    out = {}
+    for key, value in rep.summary.items():
+        rand = key.startswith("random_")
+        base = key.removeprefix("random_").removeprefix("consensus_")
+        if base.startswith(keep) and not (key.startswith(("groups_", "random_groups_"))):
+            out[f"consensus_{'random_' if rand else ''}{base}"] = value
+    return out
+
+
 def _downstream(name: str) -> Callable[[CellContext], dict]:
     def run(ctx: CellContext) -> dict:
         raw = ctx.view.raw_params()
@@ -78,6 +96,7 @@ def _downstream(name: str) -> Callable[[CellContext], dict]:
 
 ANALYSES: dict[str, Analysis] = {
     "stability": Analysis("stability", _stability),
+    "consensus": Analysis("consensus", _consensus),
     "splice": Analysis("splice", _downstream("splice"), needs_source=True),
     "probe": Analysis("probe", _downstream("probe"), needs_source=True),
 }

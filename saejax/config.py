@@ -110,11 +110,12 @@ class SAEConfig:
     """Number of latents (dictionary size)."""
     arch: str = "topk"
     """An entry of :mod:`saejax.archs`: ``topk`` (k latents per token; Gao et al. 2024), ``batchtopk`` (k·batch per batch; Bussmann
-    et al. 2024), ``relu`` (ReLU + L1; Bricken et al. 2023), ``jumprelu`` (Rajamanoharan et al. 2024)."""
+    et al. 2024), ``relu`` (ReLU + L1; Bricken et al. 2023), ``jumprelu`` (Rajamanoharan et al. 2024),
+    ``matryoshka`` (Matryoshka BatchTopK; Bussmann et al. 2025), ``gated`` (Rajamanoharan et al. 2024)."""
     k: int = 32
     """Active latents per token for the TopK family."""
     l1_coef: float = 1e-3
-    """ReLU: weight of the L1 penalty ``sum_j z_j ||W_dec[j]||``."""
+    """ReLU: weight of the L1 penalty ``sum_j z_j ||W_dec[j]||`` (gated: of ``sum_j relu(pi_gate)_j ||W_dec[j]||``)."""
     l0_coef: float = 1e-3
     """JumpReLU: weight of the (straight-through) L0 penalty."""
     jump_bandwidth: float = 1e-3
@@ -138,6 +139,9 @@ class SAEConfig:
     """A latent is dead if it has not fired in the last this-many training tokens."""
     kernel: Literal["dense", "sparse"] = "dense"
     """TopK family: ``dense`` matmuls or ``sparse`` gather/scatter-add decoding (same numbers)."""
+    matryoshka_prefixes: tuple[int, ...] | None = None
+    """Matryoshka: nested prefix sizes, increasing, the last = d_sae; ``None`` = (d_sae//8, d_sae//4,
+    d_sae//2, d_sae)."""
 
     def __post_init__(self):
         check_fields(self)
@@ -153,6 +157,10 @@ class SAEConfig:
               f"kernel='sparse' is not implemented for arch={self.arch!r}; only for "
               f"{[a.name for a in archs.REGISTRY.values() if a.sparse_step is not None]}")
         check(self.aux_k is None or self.aux_k >= 0, f"aux_k must be >= 0 or None, got {self.aux_k!r}")
+        pre = self.matryoshka_prefixes
+        check(pre is None or (len(pre) > 0 and pre[0] > 0 and pre[-1] == self.d_sae
+                              and all(a < b for a, b in zip(pre, pre[1:]))),
+              f"matryoshka_prefixes must increase from > 0 to d_sae={self.d_sae}, got {pre!r}")
         check(self.dead_tokens > 0, f"dead_tokens must be positive, got {self.dead_tokens!r}")
         for f in ("l1_coef", "l0_coef", "jump_bandwidth", "jump_init_threshold", "aux_coef"):
             check(getattr(self, f) >= 0, f"{f} must be >= 0, got {getattr(self, f)!r}")

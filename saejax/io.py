@@ -87,7 +87,8 @@ def save_saelens(directory: str | Path, cfg: SAEConfig, params: dict, *, thresho
 
     arch = archs.get(cfg.arch)
     directory = Path(directory)
-    tensors = {k: np.asarray(params[k], np.float32) for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    tensors = {k: np.asarray(params[k], np.float32) for k in ("W_enc", "W_dec", "b_dec")}
+    tensors[arch.saelens_b_enc] = np.asarray(params["b_enc"], np.float32)
     tensors.update(arch.to_saelens(cfg, params, threshold))
     tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
     sae_cfg = {"architecture": arch.saelens, "d_in": cfg.d_in, "d_sae": cfg.d_sae,
@@ -121,6 +122,8 @@ def load_saelens(directory: str | Path) -> tuple[SAEConfig, dict]:
                                   f"expected one of {sorted(archs.SAELENS_NAMES)}")
     saved = archs.get(name)
     arch = archs.get(saved.loads_as or saved.name)
+    missing = [k for k in ("W_enc", "W_dec", "b_dec", saved.saelens_b_enc) if k not in t]
+    check(not missing, f"{directory}: sae_weights.safetensors has no {', '.join(missing)} (found {sorted(t)})")
     d_in, d_sae = int(raw["d_in"]), int(raw["d_sae"])
     w_enc, w_dec = t["W_enc"], t["W_dec"]
     check(w_enc.shape == (d_in, d_sae) and w_dec.shape == (d_sae, d_in),
@@ -128,9 +131,12 @@ def load_saelens(directory: str | Path) -> tuple[SAEConfig, dict]:
     norm = raw.get("normalize_activations", "none")
     check(norm in ("none", None), f"{directory}: SAELens normalize_activations={norm!r} cannot be reproduced; "
                                   "expected 'none' (fold the normalisation into the weights and save again)")
-    params = {"W_enc": w_enc, "b_enc": t["b_enc"], "W_dec": w_dec, "b_dec": t["b_dec"]}
+    b_enc = t[saved.saelens_b_enc]
+    params = {"W_enc": w_enc, "b_enc": b_enc, "W_dec": w_dec, "b_dec": t["b_dec"]}
     if not raw.get("apply_b_dec_to_input", True):
-        params["b_enc"] = (t["b_enc"] + t["b_dec"].astype(np.float64) @ w_enc).astype(np.float32)
+        check(saved.saelens_b_enc == "b_enc",  # a gated SAE's b_mag would need the same fold
+              f"{directory}: apply_b_dec_to_input=false is not supported for {saved.name} SAEs")
+        params["b_enc"] = (b_enc + t["b_dec"].astype(np.float64) @ w_enc).astype(np.float32)
     params.update(saved.from_saelens(t))
     check(not arch.uses_k or "k" in raw, f"{directory}: cfg.json of a {arch.name} SAE has no k")
     fields = {f: raw[f] for f in arch.cfg_fields}

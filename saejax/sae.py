@@ -15,6 +15,7 @@ with ``f`` per architecture (each an entry of the registry in :mod:`saejax.archs
 - ``jumprelu``: ``z = pre * H(pre - theta)``, thresholds learned through a straight-through
   estimator with a rectangle kernel of width ``jump_bandwidth`` and an L0 penalty
   (Rajamanoharan et al. 2024, arXiv:2407.14435).
+- ``matryoshka`` (Matryoshka BatchTopK) and ``gated``: formulas in :mod:`saejax.archs_extra`.
 """
 
 from __future__ import annotations
@@ -149,25 +150,30 @@ def loss(cfg: SAEConfig, params: dict, x: jax.Array, hp: dict, dead: jax.Array, 
     TopK family ``aux_coef * AuxK``: the ``n_aux`` largest pre-activations among ``dead`` latents
     reconstruct the residual ``e = x - x_hat``, ``AuxK = ||e - e_hat||^2 / ||e - mean(e)||^2``
     (Gao et al. 2024, normalised as in EleutherAI sparsify). ``hp`` holds the traced floats
-    (``lr``, ``l1_coef``, ``l0_coef``, ``aux_coef``) so one program can sweep them.
+    (``lr``, ``l1_coef``, ``l0_coef``, ``aux_coef``) so one program can sweep them. An entry with
+    its own ``dense_step`` replaces :func:`dense_step`; a vector sparsity term is summed, and each
+    part recorded under its name in ``arch.metrics(cfg)`` (see :mod:`saejax.archs_extra`).
     """
     arch = archs.get(cfg.arch)
     if cfg.kernel == "sparse":
         st = arch.sparse_step(cfg, params, x, dead)
     else:
-        st = dense_step(cfg, params, x, hp, dead, ramp)
+        st = (arch.dense_step or dense_step)(cfg, params, x, hp, dead, ramp)
     err = st.x_hat - x
     recon = jnp.mean(jnp.sum(err**2, axis=1))
     total_var = jnp.sum((x - x.mean(0)) ** 2)
-    out = recon + st.sparsity + hp["aux_coef"] * st.aux
+    sparsity = jnp.sum(st.sparsity) if st.sparsity.ndim else st.sparsity  # a vector: one part per arch.metrics name
+    out = recon + sparsity + hp["aux_coef"] * st.aux
     metrics = {
         "loss": out,
         "mse": jnp.mean(err**2),
         "fvu": jnp.sum(err**2) / jnp.maximum(total_var, 1e-12),
         "l0": st.l0,
         "aux": st.aux,
-        "sparsity": st.sparsity,
+        "sparsity": sparsity,
     }
+    if st.sparsity.ndim:
+        metrics.update({name: st.sparsity[i] for i, name in enumerate(arch.metrics(cfg))})
     return out, (metrics, st.fired, st.min_kept)
 
 

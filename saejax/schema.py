@@ -77,6 +77,10 @@ COLUMNS: tuple[Column, ...] = (
     C("kl_spliced", "float", "KL(clean ‖ spliced) of the next-token distribution", "downstream"),
     C("probe_*", "float", "linear probe accuracy from raw activations (`_raw_acc`) vs each seed's latents "
                           "(`_sae_acc`, with CI), per label", "downstream"),
+    C("consensus_*", "float", "consensus over all seeds at each |cos| threshold (`consensus` analysis): "
+                             "`frac_all` latents found in every seed, `groups` groups spanning every seed, "
+                             "`found_in_mean` mean seeds per latent, `orphan_frac`, `inconsistent_frac`; "
+                             "`consensus_random_*` the same for the untrained control", "consensus"),
     C("usage_profile_corr", "float", "correlation of matched latents' firing-by-label profiles", "downstream"),
 )
 _TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "list": (list, tuple)}
@@ -102,7 +106,8 @@ def check_record(record: dict) -> None:
 def markdown() -> str:
     """The column reference (``docs/columns.md``)."""
     titles = {"config": "Configuration", "run": "Run health", "stability": "Stability across seeds",
-              "data": "Reconstruction and data", "downstream": "Downstream (`splice`, `probe` analyses)"}
+              "data": "Reconstruction and data", "consensus": "Consensus across seeds (`consensus` analysis)",
+              "downstream": "Downstream (`splice`, `probe` analyses)"}
     out = ["# `summary.json` / `summary.csv` columns", "",
            "Generated from `saejax/schema.py` (`python -m saejax.schema > docs/columns.md`).", ""]
     for group, title in titles.items():

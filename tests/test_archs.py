@@ -46,7 +46,7 @@ def test_toy_architecture_trains_exports_and_reloads(toy_arch, tmp_path):
     assert evaluate(res, x)["ev"].min() > 0
 
 
-@pytest.mark.parametrize("name", ["topk", "batchtopk", "relu", "jumprelu"])
+@pytest.mark.parametrize("name", ["topk", "batchtopk", "relu", "jumprelu", "matryoshka", "gated"])
 def test_every_entry_exports_and_reloads(name, tmp_path):
     cfg = SAEConfig(d_in=8, d_sae=16, arch=name, k=3, normalize_input=False)
     params = jax.tree.map(np.asarray, sae.init(cfg, jax.random.PRNGKey(0), jnp.full(8, 0.1)))

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from saejax import SAEConfig, SyntheticSource, TrainConfig, kernels, sae
+from saejax import memory as memory_mod
+from saejax import step as step_mod
 from saejax import train as train_mod
 from saejax.train import train
 
@@ -118,7 +120,7 @@ def test_auxk_skip_is_exact():
     tc = TrainConfig(steps=1)
     for kernel in ("dense", "sparse"):
         c = cfg.replace(kernel=kernel)
-        fn = jax.jit(jax.vmap(lambda p_, dd: train_mod._loss_and_grads(c, tc, p_, x, HP, dd, 1.0, "m"), axis_name="m"))
+        fn = jax.jit(jax.vmap(lambda p_, dd: step_mod._loss_and_grads(c, tc, p_, x, HP, dd, 1.0, "m"), axis_name="m"))
         ref = jax.jit(jax.value_and_grad(partial(sae.loss, c), has_aux=True))
         for dead in (np.stack([np.zeros(96, bool), rng.random(96) < 0.3, np.zeros(96, bool)]), np.zeros((3, 96), bool)):
             (loss, (metrics, _, _)), grads = fn(params, jnp.asarray(dead))
@@ -172,12 +174,12 @@ def test_auto_groups_fewest_that_fit(monkeypatch, capsys):
     tc = TrainConfig(batch_size=64, steps=10)
     per = train_mod.member_bytes(cfg, tc)
     data = 2 * min(tc.chunk_bytes, tc.chunk_steps * 64 * 16 * 4)
-    monkeypatch.setattr(train_mod, "memory_budget", lambda: (data + 2 * per + per // 2, "test budget"))
+    monkeypatch.setattr(memory_mod, "memory_budget", lambda: (data + 2 * per + per // 2, "test budget"))
     assert train_mod.auto_group_size(cfg, tc, 2) == 2 and capsys.readouterr().out == ""
     assert train_mod.auto_group_size(cfg, tc, 5) == 2  # 3 groups (2, 2, 1): the fewest that fit
     assert "3 groups of at most 2" in capsys.readouterr().out
     assert train_mod.auto_group_size(cfg, tc, 8) == 2  # 4 groups of 2
-    monkeypatch.setattr(train_mod, "memory_budget", lambda: (1, "test budget"))
+    monkeypatch.setattr(memory_mod, "memory_budget", lambda: (1, "test budget"))
     assert train_mod.auto_group_size(cfg, tc, 3) == 1  # nothing fits: one at a time
 
 
@@ -190,7 +192,7 @@ def test_auto_split_equals_one_group(monkeypatch, capsys):
     one = train(cfg, tc, SRC, seeds, progress=False)
     assert "groups" not in capsys.readouterr().out
     per = train_mod.member_bytes(cfg, tc)
-    monkeypatch.setattr(train_mod, "memory_budget", lambda: (2 * min(tc.chunk_bytes, tc.chunk_steps * 128 * 16 * 4) + 2 * per, "test budget"))
+    monkeypatch.setattr(memory_mod, "memory_budget", lambda: (2 * min(tc.chunk_bytes, tc.chunk_steps * 128 * 16 * 4) + 2 * per, "test budget"))
     split = train(cfg, tc, SRC, seeds, progress=False)
     assert "2 groups of at most 2" in capsys.readouterr().out
     assert rel_err(split.params, one.params) <= 1e-6

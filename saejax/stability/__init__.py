@@ -13,6 +13,7 @@ Dictionaries are ``[n_latents, d_in]`` arrays of directions (decoder rows ``W_de
 """
 
 from saejax.stability.baseline import expected_max_abs_cos, random_baseline, random_dictionaries, simulate_baseline
+from saejax.stability.consensus import consensus
 from saejax.stability.kernel import MASKED, AllPairs, PairStats, all_pairs, normalize, pair_stats
 from saejax.stability.matching import Matching, match
 from saejax.stability.metrics import activation_corr, effective_rank, gt_mcc, matching_metrics, pw_mcc, pwmcc, shared_fraction
@@ -21,7 +22,7 @@ from saejax.stability.stats import bootstrap_ci, bootstrap_pairwise, cohens_d, p
 
 __all__ = [
     "MASKED", "AllPairs", "Matching", "PairStats", "StabilityReport", "activation_corr", "all_pairs",
-    "bootstrap_ci", "bootstrap_pairwise", "cohens_d", "effective_rank", "expected_max_abs_cos", "gt_mcc",
+    "bootstrap_ci", "bootstrap_pairwise", "cohens_d", "consensus", "effective_rank", "expected_max_abs_cos", "gt_mcc",
     "match", "matching_metrics", "normalize", "pairwise_mean", "pair_stats", "permutation_test", "pw_mcc",
     "pwmcc", "random_baseline", "random_dictionaries", "seed_scores", "shared_fraction", "simulate_baseline",
     "stability_report",
