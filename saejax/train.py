@@ -174,14 +174,8 @@ def _train_group(sae_cfg, tc, source, members, points, total, scale, b_dec, prog
     n = len(members)
     mesh = mesh if mesh is not None else sharding.make_mesh(n, tc.batch_size, tc.mesh_shape)
     n_pad = sharding.padded_size(n, mesh)
-    on_members = sharding.members_spec(mesh)
-    rep = sharding.replicated(mesh)
-    keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(tc.root_seed), s) for _, s in members])
-    hp = {k: jnp.asarray([points[h][k] for h, _ in members], jnp.float32) for k in points[0]}
-    keys, hp = sharding.pad_members((keys, hp), n_pad)
-    hp = sharding.put_tree(hp, on_members)
-    init = jax.jit(jax.vmap(partial(init_state, sae_cfg, tc), in_axes=(0, None)), out_shardings=on_members)
-    state = init(sharding.put(keys, rep), sharding.put(np.asarray(b_dec, np.float32), rep))
+    on_members, rep = sharding.members_spec(mesh), sharding.replicated(mesh)
+    state, hp = _init_members(sae_cfg, tc, members, points, b_dec, n_pad, on_members, rep)
 
     def to_host(tree):
         return sharding.trim_members(sharding.to_host(tree), n)
@@ -195,22 +189,10 @@ def _train_group(sae_cfg, tc, source, members, points, total, scale, b_dec, prog
         xs = xs[0] if shared else sharding.pad_members(xs, n_pad)
         return sharding.put(xs.astype(low) if low != jnp.float32 else xs, x_spec)
 
-    per_chunk_cap = max(1, tc.chunk_bytes // (bs * d * 4 * (1 if shared else len(members))))
-    chunk = max(tc.log_every, min(tc.chunk_steps, per_chunk_cap))  # not the length: one program for any length
-    chunk -= chunk % tc.log_every
-    if shared:
-        its = [source.batches(bs, seed=tc.data_seed)]
-    else:  # each seed its own order; swept copies of a seed see that same order
-        its = [source.batches(bs, seed=own_order_seed(tc.data_seed, s)) for _, s in members]
-    history = {k: np.zeros((len(members), 0), np.float32) for k in metric_names(sae_cfg)}
-    log_steps, done = np.zeros(0, np.int64), 0
-    like = jax.tree.map(lambda a: jax.ShapeDtypeStruct((n, *a.shape[1:]), a.dtype), state)
-    if checkpoint is not None and (saved := checkpoint.restore(group, like)) is not None:
-        done, state, history, log_steps = saved
-        state = sharding.put_tree(sharding.pad_members(sharding.to_host(state), n_pad), on_members)
-        for it in its:  # the data order is deterministic: skip what was already trained on
-            for _ in range(done):
-                next(it)
+    chunk = _chunk_len(tc, d, 1 if shared else len(members))
+    its = _iterators(source, tc, members)
+    history = {k: np.zeros((n, 0), np.float32) for k in metric_names(sae_cfg)}
+    done, state, history, log_steps = _resume(checkpoint, group, state, history, its, n, n_pad, on_members)
     stops = sorted({int(s) for s in stops if done <= s <= total} | {total})
     if stops[0] == 0 and done == 0 and on_stop is not None:
         on_stop(group, 0, to_host(state))
@@ -242,6 +224,45 @@ def _train_group(sae_cfg, tc, source, members, points, total, scale, b_dec, prog
     if bar is not None:
         bar.close()
     return to_host(state), history, log_steps
+
+
+def _resume(checkpoint, group, state, history, its, n, n_pad, on_members):
+    """``(done, state, history, log_steps)`` from the group's last checkpoint (iterators advanced
+    past the batches already trained on: the data order is deterministic), or a fresh start."""
+    like = jax.tree.map(lambda a: jax.ShapeDtypeStruct((n, *a.shape[1:]), a.dtype), state)
+    saved = None if checkpoint is None else checkpoint.restore(group, like)
+    if saved is None:
+        return 0, state, history, np.zeros(0, np.int64)
+    done, state, history, log_steps = saved
+    for it in its:
+        for _ in range(done):
+            next(it)
+    return done, sharding.put_tree(sharding.pad_members(sharding.to_host(state), n_pad), on_members), history, log_steps
+
+
+def _init_members(sae_cfg, tc, members, points, b_dec, n_pad, on_members, rep):
+    """Each member's initial state (from its seed's key) and swept floats, padded and placed."""
+    keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(tc.root_seed), s) for _, s in members])
+    hp = {k: jnp.asarray([points[h][k] for h, _ in members], jnp.float32) for k in points[0]}
+    keys, hp = sharding.pad_members((keys, hp), n_pad)
+    init = jax.jit(jax.vmap(partial(init_state, sae_cfg, tc), in_axes=(0, None)), out_shardings=on_members)
+    state = init(sharding.put(keys, rep), sharding.put(np.asarray(b_dec, np.float32), rep))
+    return state, sharding.put_tree(hp, on_members)
+
+
+def _chunk_len(tc: TrainConfig, d: int, n_streams: int) -> int:
+    """Steps per compiled call: ``chunk_steps``, capped by ``chunk_bytes`` of host batches, a multiple
+    of ``log_every``; not the run's length, so one program serves runs of any length."""
+    cap = max(1, tc.chunk_bytes // (tc.batch_size * d * 4 * n_streams))
+    chunk = max(tc.log_every, min(tc.chunk_steps, cap))
+    return chunk - chunk % tc.log_every
+
+
+def _iterators(source, tc: TrainConfig, members) -> list:
+    if tc.same_data_order:
+        return [source.batches(tc.batch_size, seed=tc.data_seed)]
+    # each seed its own order; swept copies of a seed see that same order
+    return [source.batches(tc.batch_size, seed=own_order_seed(tc.data_seed, s)) for _, s in members]
 
 
 def own_order_seed(data_seed: int, seed: int) -> int:
