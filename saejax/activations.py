@@ -264,44 +264,39 @@ def plan(spec: ExtractSpec, *, cache_dir=None, heldout_frac: float | None = None
 
 
 # ----------------------------------------------------------------------------- experiment-file sources
-def dataset_of(name: str, src=None) -> Dataset:
-    """An experiment file's ``dataset`` string: a ``.npy`` token file, a ``.txt``/``.jsonl``/``.parquet``
-    file or a directory (:class:`TextFiles`), else a hub dataset name."""
-    get = lambda field, default=None: getattr(src, field, default)  # noqa: E731
+def dataset_of(src: HF) -> Dataset:
+    """An :class:`HF` source's ``dataset`` string: ``python-docs``, a ``.npy`` token file, a
+    ``.txt``/``.jsonl``/``.parquet`` file or a directory (:class:`TextFiles`), else a hub dataset name."""
+    name = str(src.dataset)
     if name == "python-docs":
         return PythonDocs()
     if name.endswith(".npy"):
-        return TokenFile(name, get("pad_id"))
+        return TokenFile(name)
     if name.endswith((".txt", ".jsonl", ".parquet")) or os.path.isdir(name):
-        return TextFiles((name,), get("text_column", "text"))
-    return HFDataset(name, get("dataset_config"), get("split", "train"), get("text_column", "text"))
+        return TextFiles((name,), src.text_column)
+    return HFDataset(name, src.dataset_config, src.split, src.text_column)
 
 
-def spec_from_source(src) -> tuple[ExtractSpec, dict]:
-    """:class:`ExtractSpec` and reader options of an experiment-file source with fields ``model``,
-    ``hook`` (``"6.resid_post"`` or ``"blocks.6.hook_resid_post"``), ``dataset`` (see :func:`dataset_of`)
-    and optional ``revision``, ``ctx_len``, ``n_tokens``, ``dtype``, ``store_dtype``, ``drop_bos``,
-    ``positions``, ``blocks``, ``batch_size``, ``heldout_frac`` (see :class:`saejax.experiment.HF`)."""
-    get = lambda name, default=None: getattr(src, name, default)  # noqa: E731
+def spec_from_source(src: HF) -> tuple[ExtractSpec, dict]:
+    """:class:`ExtractSpec` and reader options of an :class:`HF` source (its ``hook`` is
+    ``"6.resid_post"`` or ``"blocks.6.hook_resid_post"``); every value is the source's own field."""
     hook = str(src.hook)
     layer, _, site = hook.partition(".")
     layers, sites = ((int(layer),), (site,)) if layer.isdigit() and site in SITES else ((), (hook,))
-    spec = ExtractSpec(src.model, dataset_of(str(src.dataset), src), layers=layers, sites=sites,
-                       revision=get("revision"), dtype=get("dtype", "float32"), ctx_len=get("ctx_len", 128),
-                       n_tokens=get("n_tokens", 1_000_000), drop_bos=get("drop_bos", True),
-                       positions=get("positions"), store_dtype=get("store_dtype", "float32"),
-                       blocks=get("blocks"), batch_size=get("batch_size", 8))
-    frac = get("heldout_frac")
-    return spec, ({"heldout_frac": frac} if frac else {})
+    spec = ExtractSpec(src.model, dataset_of(src), layers=layers, sites=sites, revision=src.revision,
+                       dtype=src.dtype, ctx_len=src.ctx_len, n_tokens=src.n_tokens, drop_bos=src.drop_bos,
+                       positions=src.positions, store_dtype=src.store_dtype, blocks=src.blocks,
+                       batch_size=src.batch_size)
+    return spec, ({"heldout_frac": src.heldout_frac} if src.heldout_frac else {})
 
 
-def hf_source(src, *, cache_dir=None, progress: bool = True) -> CachedActivations:
+def hf_source(src: HF, *, cache_dir=None, progress: bool = True) -> CachedActivations:
     """The reader of an experiment-file source (see :func:`spec_from_source`), extracted on first use."""
     spec, kw = spec_from_source(src)
     return extract_one(spec, cache_dir=cache_dir, progress=progress, **kw)
 
 
-def hf_plan(src, *, cache_dir=None) -> SourcePlan:
+def hf_plan(src: HF, *, cache_dir=None) -> SourcePlan:
     """:func:`plan` of an experiment-file source: configs and the cache only, no weights."""
     spec, kw = spec_from_source(src)
     return plan(spec, cache_dir=cache_dir, heldout_frac=kw.get("heldout_frac"))

@@ -204,13 +204,14 @@ def test_hf_dataset_source_through_a_stand_in_datasets_module(tmp_path, monkeypa
 
 
 def test_hf_source_adapter_for_experiment_files(tmp_path):
-    src = types.SimpleNamespace(model=save_tiny(tmp_path / "m"), hook="blocks.1.hook_mlp_out",
-                                dataset=write_corpus(tmp_path / "c.txt"), ctx_len=8, n_tokens=120, heldout_frac=0.25)
+    import dataclasses
+
+    src = A.HF(model=save_tiny(tmp_path / "m"), hook="blocks.1.hook_mlp_out",
+               dataset=write_corpus(tmp_path / "c.txt"), ctx_len=8, n_tokens=120, heldout_frac=0.25)
     reader = A.hf_source(src, cache_dir=tmp_path / "cache")
     assert (reader.n_tokens, reader.n_heldout) == (90, 30)
     assert reader.manifest["fingerprint"]["site"] == "mlp_out" and reader.manifest["fingerprint"]["layer"] == 1
-    src.hook = "1.mlp_out"
-    assert A.hf_source(src, cache_dir=tmp_path / "cache").path == reader.path
+    assert A.hf_source(dataclasses.replace(src, hook="1.mlp_out"), cache_dir=tmp_path / "cache").path == reader.path
     experiment = pytest.importorskip("saejax.experiment")
     hf = experiment.HF(model=src.model, hook="blocks.1.hook_mlp_out", dataset=src.dataset, ctx_len=8, n_tokens=120)
     assert hf.build(tmp_path / "cache").path == reader.path  # the experiment-file source resolves to the same cache
