@@ -60,7 +60,7 @@ def _stability(ctx: CellContext) -> dict:
                                         random_control=ctx.rand["decoders"], mesh=pair_mesh())
     ctx.store.write_cell(ctx.cell.id, "report", report.to_dict())
     ctx.store.write_cell(ctx.cell.id, "matched", {  # first seed pair, trained and random, for the histogram
-        "seeds": seeds[:2], "trained": stability.match(dec[0], dec[1]).abs_cos,
+        "seeds": seeds[:2], "trained": report.matched[0],  # the report's own matching of seeds 0 and 1
         "random": stability.match(ctx.rand["decoders"][0], ctx.rand["decoders"][1]).abs_cos})
     return report.summary
 

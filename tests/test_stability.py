@@ -387,3 +387,15 @@ def test_bad_input_raises_one_line_config_error(call, fragment):
         call(np.random.default_rng(0))
     msg = str(err.value)
     assert fragment in msg and "\n" not in msg
+
+
+def test_report_keeps_each_pairs_matching():
+    """The report's matched |cos| per pair equal a separate matching of that pair."""
+    from saejax import stability
+
+    d = np.random.default_rng(5).standard_normal((3, 20, 8)).astype(np.float32)
+    rep = stability.stability_report(d, random_control=False, n_boot=50, n_perm=50)
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    assert len(rep.matched) == 3 and "matched" not in rep.to_dict()
+    for (i, j), got in zip(pairs, rep.matched):
+        np.testing.assert_allclose(got, stability.match(d[i], d[j]).abs_cos, atol=1e-6)

@@ -46,6 +46,8 @@ class StabilityReport:
     curve: dict = field(default_factory=dict)
     examples: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    matched: list = field(default_factory=list, repr=False)
+    """Each seed pair's Hungarian-matched |cos| (pairs ``i < j`` in order); not in :meth:`to_dict`."""
 
     def to_dict(self) -> dict:
         """Plain JSON-ready Python: lists, floats, ints, bools, str and None (NaN -> None)."""
@@ -189,7 +191,7 @@ def stability_report(decoders, encoders=None, *, alive=None, latents=None, true_
                 for k, v in res["examples"].items()}
     config = dict(top_k=top_k, method=method, dense_max=dense_max, shared_threshold=shared_threshold,
                   n_boot=n_boot, n_perm=n_perm, level=level, thresholds=list(THRESHOLDS))
-    return StabilityReport(seeds, summary, matrices, pairs, curve, examples, config)
+    return StabilityReport(seeds, summary, matrices, pairs, curve, examples, config, res["matched"])
 
 
 def _nanmean(x) -> float | None:
