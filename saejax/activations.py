@@ -166,6 +166,7 @@ def cache_path(spec: ExtractSpec, layer: int, site: str, name: str, weights: str
 def _located(spec: ExtractSpec, cache_dir) -> ModelRef:
     ref = locate(spec.model, spec.revision, cache_dir=cache_dir)
     check(ref.missing is None, ref.missing or "")
+    assert ref.info is not None  # a model that is not missing has its config read
     check_points(spec, ref.info)
     return ref
 
@@ -179,6 +180,7 @@ def extract(spec: ExtractSpec, *, cache_dir=None, shard_rows: int | None = None,
     (``n_heldout``, ``heldout_frac``, ``verify``) go to each reader.
     """
     ref = _located(spec, cache_dir)
+    assert ref.info is not None and ref.weights is not None  # _located checked the model is found
     paths = {pt: cache_path(spec, *pt, ref.info.name, ref.weights, cache_dir) for pt in spec.points}
     todo = {pt: p for pt, p in paths.items() if read_manifest(p) is None}
     if todo:
@@ -195,7 +197,8 @@ def extract_one(spec: ExtractSpec, **kw) -> CachedActivations:
 
 def _run(spec, ref, model_dir, paths, shard_rows, progress, device, cache_dir) -> None:
     import torch
-    from tqdm.auto import tqdm
+
+    from saejax.progress import bar as progress_bar
 
     ids, mask, window = contexts(spec, model_dir, ref.info)  # before loading: a small corpus fails fast
     model = load_model(model_dir, spec.dtype, device)
@@ -204,8 +207,7 @@ def _run(spec, ref, model_dir, paths, shard_rows, progress, device, cache_dir) -
     writers = {pt: CacheWriter(p, spec.fingerprint(*pt, ref.weights, cache_dir), ref.info.d_model,
                                dtype=spec.store_dtype, shard_rows=shard_rows) for pt, p in paths.items()}
     try:
-        bar = tqdm(total=int(mask.sum()), unit="tok", unit_scale=True, disable=not progress,
-                   desc=f"extract {ref.info.name}")
+        bar = progress_bar(int(mask.sum()), f"extract {ref.info.name}", unit="tok", enabled=progress)
         for i in range(0, len(ids), spec.batch_size):
             x = torch.from_numpy(ids[i : i + spec.batch_size]).to(dev)
             m = torch.from_numpy(mask[i : i + spec.batch_size]).to(dev)
@@ -241,6 +243,7 @@ def plan(spec: ExtractSpec, *, cache_dir=None, heldout_frac: float | None = None
     if ref.missing is not None:
         return SourcePlan(0, None, (), missing=ref.missing)
     info = ref.info
+    assert info is not None and ref.weights is not None  # a model that is not missing has both
     check_points(spec, info)
     lines = []
     if ref.path is None:

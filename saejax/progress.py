@@ -52,3 +52,83 @@ class RunClock:
         total = time.perf_counter() - self.t0
         parts = sorted(self.stages, key=lambda s: -s[1])[:6]
         return f"time: {_fmt(total)} in all; " + ", ".join(f"{n} {_fmt(s)}" for n, s in parts)
+
+
+class _Plain:
+    """What a bar says, as one plain line every ``every`` seconds (and at the end): for logs, CI and
+    notebooks, where a carriage-return bar turns into thousands of fragments."""
+
+    def __init__(self, total: int, desc: str, unit: str, initial: int, every: float, stream):
+        self.total, self.desc, self.unit, self.n, self.every, self.stream = total, desc, unit, initial, every, stream
+        self.t0 = self.last = time.perf_counter()
+        self.n0, self.post = initial, ""
+
+    def update(self, n: int) -> None:
+        self.n += n
+        if time.perf_counter() - self.last >= self.every:
+            self._line()
+
+    def set_postfix(self, **kw) -> None:
+        self.post = ", ".join(f"{k}={v}" for k, v in kw.items())
+
+    def _line(self) -> None:
+        self.last = now = time.perf_counter()
+        rate = (self.n - self.n0) / max(now - self.t0, 1e-9)
+        eta = f", ETA {_fmt((self.total - self.n) / rate)}" if rate > 0 and self.n < self.total else ""
+        post = f", {self.post}" if self.post else ""
+        print(f"  {self.desc}: {self.n:,}/{self.total:,} {self.unit} ({rate:,.1f} {self.unit}/s, "
+              f"elapsed {_fmt(now - self.t0)}{eta}{post})", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.n > self.n0:
+            self._line()
+
+
+class _Ticking:
+    """A tqdm bar redrawn every second by a daemon thread, so its elapsed time and rate move even
+    while one long compiled call (or its compilation) runs."""
+
+    def __init__(self, bar, interval: float = 1.0):
+        import threading
+
+        self.bar, self._stop = bar, threading.Event()
+        self._thread = threading.Thread(target=self._tick, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _tick(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.bar.refresh()
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+
+    def set_postfix(self, **kw) -> None:
+        self.bar.set_postfix(**kw)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.bar.close()
+
+
+class _Off:
+    def update(self, n: int) -> None: ...
+    def set_postfix(self, **kw) -> None: ...
+    def close(self) -> None: ...
+
+
+def bar(total: int, desc: str, *, unit: str = "step", enabled: bool = True, initial: int = 0,
+        leave: bool = False, every: float = 15.0, stream=None):
+    """A progress display with ``update(n)``, ``set_postfix(**kw)`` and ``close()``: a live tqdm bar
+    in a terminal, plain periodic lines (every ``every`` s) anywhere else, nothing when disabled."""
+    import sys
+
+    stream = stream or sys.stderr
+    if not enabled:
+        return _Off()
+    if not (hasattr(stream, "isatty") and stream.isatty()):
+        return _Plain(total, desc, unit, initial, every, stream)
+    from tqdm import tqdm
+
+    return _Ticking(tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=leave, dynamic_ncols=True,
+                         unit_scale=unit != "step", file=stream))

@@ -19,8 +19,8 @@ from pathlib import Path
 from saejax.errors import ConfigError, check
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m saejax.run", description=__doc__.split("\n\n")[1])
+def parse_args(argv, prog: str = "python -m saejax.run"):
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[1])
     p.add_argument("experiment", help="experiment file with get_config(), e.g. experiments/grid.py")
     p.add_argument("--out", help="output directory (default: runs/<experiment name>)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -66,8 +66,8 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt  # SIGTERM (a scheduler's preemption) stops like Ctrl-C: checkpoint kept
 
 
-def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def main(argv=None, prog: str = "python -m saejax.run") -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv, prog)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
     try:

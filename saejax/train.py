@@ -25,6 +25,7 @@ from saejax.config import SAEConfig, TrainConfig, check_seeds, closest
 from saejax.data import Source
 from saejax.errors import ConfigError, check
 from saejax.memory import auto_group_size, member_bytes, memory_budget  # noqa: F401  (re-exported)
+from saejax.progress import bar as progress_bar
 from saejax.step import (  # noqa: F401
     DIVERGENCE,
     MEMBER_AXIS,
@@ -108,16 +109,43 @@ def _init_sample(source: Source, tc: TrainConfig) -> np.ndarray:
     return np.asarray(next(it), np.float32)
 
 
-def _fill(its, chunk: int, bs: int, d: int, remaining: int) -> tuple[np.ndarray, np.ndarray]:
-    """Next chunk of batches ``[len(its), chunk, B, d]`` and the mask of real (non-padding) steps."""
-    n = min(chunk, remaining)
+def _fill(its, chunk: int, bs: int, d: int, n: int, start: int) -> tuple[np.ndarray, np.ndarray]:
+    """The next ``n`` steps' batches, padded to ``[len(its), chunk, B, d]``, and the mask of real
+    (non-padding) steps; ``start`` is the number of steps already trained (for the error message)."""
     xs = np.zeros((len(its), chunk, bs, d), np.float32)
     for i, it in enumerate(its):
         for t in range(n):
             xs[i, t] = next(it)
-    if not np.isfinite(xs).all():
-        raise ConfigError(f"activation data contains NaN/inf values (in a batch before step {remaining}); clean the source")
+    finite = np.isfinite(xs).all(axis=(0, 2, 3))
+    if not finite.all():
+        step = start + int(np.argmin(finite)) + 1
+        raise ConfigError(f"activation data contains NaN/inf values (in the training batch of step {step}); clean the source")
     return xs, np.arange(chunk) < n
+
+
+class _Pace:
+    """Steps per compiled call: the program is compiled for ``chunk`` steps, but each call runs only
+    as many as take about ``target`` seconds (a multiple of ``log_every``; the rest are masked and
+    skipped), so progress moves every few seconds however slow a step is. The first two calls
+    (prepared before any timing; the first includes compilation) run one logging window each.
+    Results do not depend on it: every call starts and ends on a logging-window boundary."""
+
+    def __init__(self, chunk: int, log_every: int, target: float = 2.0):
+        self.chunk, self.unit, self.target = chunk, log_every, target
+        self.per_step: float | None = None
+        self.calls, self.t = 0, time.perf_counter()
+
+    def steps(self, remaining: int) -> int:
+        n = self.unit
+        if self.per_step is not None:
+            n = int(self.target / max(self.per_step, 1e-9)) // self.unit * self.unit
+        return min(max(n, self.unit), self.chunk, remaining)
+
+    def ran(self, n_steps: int) -> None:
+        now = time.perf_counter()
+        if self.calls >= 1:  # the first call's time includes compilation
+            self.per_step = (now - self.t) / max(n_steps, 1)
+        self.calls, self.t = self.calls + 1, now
 
 
 def train(sae_cfg: SAEConfig, tc: TrainConfig, source: Source, seeds, *, sweep: dict | None = None,
@@ -198,9 +226,14 @@ def _train_group(sae_cfg, tc, source, members, points, total, scale, b_dec, prog
         on_stop(group, 0, to_host(state))
     program = chunk_program(sae_cfg, program_key(tc), shared)
     total_dev = sharding.put(np.int32(total), rep)
-    bar = _progress(total, progress, len(members), bs, done)
+    bar = progress_bar(total, f"{len(members)} SAEs x {bs} tok", enabled=progress, initial=done)
+    pace = _Pace(chunk, tc.log_every)
     last_ckpt = done
-    xs, act = _fill(its, chunk, bs, d, next(s for s in stops if s > done) - done) if done < total else (None, None)
+
+    def fill():
+        return _fill(its, chunk, bs, d, pace.steps(next(s for s in stops if s > done) - done), done)
+
+    xs, act = fill() if done < total else (None, None)
     scale_dev = sharding.put(np.float32(scale), rep)
     while done < total:
         state, m = program(state, put_x(xs), sharding.put(act, rep), hp, scale_dev, total_dev)
@@ -209,8 +242,9 @@ def _train_group(sae_cfg, tc, source, members, points, total, scale, b_dec, prog
         real = np.concatenate([[True], ends[1:] > ends[:-1]])
         done += n_steps
         if done < total:  # prepare the next chunk while the device works
-            xs, act = _fill(its, chunk, bs, d, next(s for s in stops if s > done) - done)
+            xs, act = fill()
         m = to_host(m)
+        pace.ran(n_steps)
         history = {k: np.concatenate([history[k], m[k][:, real]], axis=1) for k in metric_names(sae_cfg)}
         log_steps = np.concatenate([log_steps, ends[real]])
         if on_stop is not None and done in stops:
@@ -218,11 +252,9 @@ def _train_group(sae_cfg, tc, source, members, points, total, scale, b_dec, prog
         if checkpoint is not None and done < total and done - last_ckpt >= checkpoint.every:
             checkpoint.save(group, done, to_host(state), history, log_steps)
             last_ckpt = done
-        if bar is not None:
-            bar.update(n_steps)
-            bar.set_postfix(loss=f"{np.nanmean(m['loss'][:, real][:, -1]):.4g}", l0=f"{np.nanmean(m['l0'][:, real][:, -1]):.1f}")
-    if bar is not None:
-        bar.close()
+        bar.set_postfix(loss=f"{np.nanmean(m['loss'][:, real][:, -1]):.4g}", l0=f"{np.nanmean(m['l0'][:, real][:, -1]):.1f}")
+        bar.update(n_steps)
+    bar.close()
     return to_host(state), history, log_steps
 
 
@@ -268,15 +300,6 @@ def _iterators(source, tc: TrainConfig, members) -> list:
 def own_order_seed(data_seed: int, seed: int) -> int:
     """Data-order seed of ``seed`` when seeds do not share one order (stable across machines)."""
     return int(np.random.SeedSequence([data_seed, seed]).generate_state(1)[0])
-
-
-def _progress(total: int, enabled: bool, n_members: int, bs: int, done: int = 0):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=done, unit="step", desc=f"{n_members} SAEs x {bs} tok", leave=False,
-                unit_scale=False, dynamic_ncols=True)
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -162,7 +162,8 @@ def train_modular(cfg: ModularConfig, *, progress: bool = True, threads: int = 1
     on each other made steps 7x slower in our measurements.
     """
     import torch
-    from tqdm.auto import tqdm
+
+    from saejax.progress import bar as progress_bar
 
     data = prompts(cfg.task, cfg.p)
     tr, te = split(cfg)
@@ -174,7 +175,7 @@ def train_modular(cfg: ModularConfig, *, progress: bool = True, threads: int = 1
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
     gen = torch.Generator().manual_seed(cfg.seed)
     acc, t0, c0, step = 0.0, time.time(), time.process_time(), 0
-    bar = tqdm(total=cfg.max_steps, desc=f"train modular-{cfg.task}", disable=not progress)
+    bar = progress_bar(cfg.max_steps, f"train modular-{cfg.task}", enabled=progress)
     try:
         while step < cfg.max_steps:
             idx = torch.randint(0, len(x), (cfg.batch_size,), generator=gen)

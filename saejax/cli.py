@@ -1,0 +1,65 @@
+"""``saejax``: the command-line entry point.
+
+  saejax run EXPERIMENT.py [options]   train and analyse an experiment (= python -m saejax.run)
+  saejax compare DIR_A DIR_B           stability between two sets of SAEs (= python -m saejax.compare)
+  saejax show RUN_DIR                  a finished run's findings and table, read from its summary.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+USAGE = __doc__.split("\n\n")[1]
+
+
+def show(argv) -> int:
+    from saejax.findings import findings
+    from saejax.summary import table
+
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print("usage: saejax show RUN_DIR", file=sys.stderr)
+        return 2
+    path = Path(argv[0]) / "summary.json"
+    try:
+        records = json.loads(path.read_text())["cells"]
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: {str(path)!r} is not a finished run's summary ({type(e).__name__}); "
+              "expected the --out directory of a completed `saejax run`", file=sys.stderr)
+        return 2
+    print("\n".join(findings(records)))
+    print()
+    print(table(records))
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: saejax COMMAND ...\n\n{USAGE}")
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "run":
+        from saejax.run import main as run_main
+
+        code = run_main(rest, prog="saejax run")
+        if code == 130:  # as python -m saejax.run: no interpreter teardown under live XLA/Orbax threads
+            import os
+
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
+    if cmd == "compare":
+        from saejax.compare import main as compare_main
+
+        return compare_main(rest)
+    if cmd == "show":
+        return show(rest)
+    print(f"error: unknown command {cmd!r}; expected one of run, compare, show (saejax --help)", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

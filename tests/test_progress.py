@@ -1,0 +1,144 @@
+"""Progress as a person sees it: the pacing of compiled calls never changes results, a bar in a
+terminal moves and shows an ETA, plain lines (no carriage returns) anywhere else."""
+
+import fcntl
+import io
+import os
+import pty
+import re
+import select
+import struct
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from saejax import SAEConfig, SyntheticSource, TrainConfig, progress
+from saejax import train as train_mod
+from saejax.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = SyntheticSource(d=16, n_features=40, s=3, n_heldout=256)
+
+
+def test_pacing_of_calls_never_changes_results(monkeypatch):
+    cfg = SAEConfig(d_in=16, d_sae=32, arch="topk", k=3)
+    tc = TrainConfig(batch_size=64, steps=130, lr=3e-3, log_every=10, chunk_steps=60)
+    ref = train_mod.train(cfg, tc, SRC, [0, 1], progress=False, stops=(35,), on_stop=lambda *a: None)
+    seen = []
+    real_ran = train_mod._Pace.ran
+
+    def ran(self, n):
+        seen.append(n)
+        real_ran(self, n)
+
+    monkeypatch.setattr(train_mod._Pace, "ran", ran)
+    monkeypatch.setattr(train_mod._Pace, "__init__", lambda self, chunk, log_every: (
+        setattr(self, "chunk", chunk), setattr(self, "unit", log_every), setattr(self, "target", 1e-9),
+        setattr(self, "per_step", None), setattr(self, "calls", 0), setattr(self, "t", time.perf_counter()))[0])
+    paced = train_mod.train(cfg, tc, SRC, [0, 1], progress=False, stops=(35,), on_stop=lambda *a: None)
+    assert max(seen) == 10 and 5 in seen  # one logging window per call, and the stop at 35 honoured
+    for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(paced.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(ref.log_steps, paced.log_steps)
+    np.testing.assert_allclose(ref.history["loss"], paced.history["loss"], rtol=1e-6)
+
+
+def test_pace_targets_seconds_per_call():
+    p = train_mod._Pace(chunk=200, log_every=10, target=2.0)
+    assert p.steps(1000) == 10  # before any timing: one window (the first call compiles)
+    p.per_step = 0.05
+    assert p.steps(1000) == 40 and p.steps(25) == 25  # 2 s worth, capped by what remains
+    p.per_step = 1e-5
+    assert p.steps(1000) == 200  # capped by the compiled chunk
+    p.per_step = 10.0
+    assert p.steps(1000) == 10  # never below one window
+
+
+def test_nan_in_training_rows_names_the_real_step():
+    class Leaky:  # the 43rd batch (step 43, counting from 1) goes bad
+        d_in, n_tokens, true_dictionary = 8, None, None
+
+        def batches(self, bs, *, seed):
+            for i in range(10**6):
+                b = np.ones((bs, 8), np.float32) * (1 + (i % 3))
+                if i == 42 and bs == 8:
+                    b[0, 0] = np.nan
+                yield b
+
+        def heldout(self):
+            return np.ones((4, 8), np.float32)
+
+    tc = TrainConfig(batch_size=8, steps=100, log_every=10, chunk_steps=20, init_tokens=16)
+    with pytest.raises(ConfigError, match=r"step 43\)"):
+        train_mod.train(SAEConfig(d_in=8, d_sae=16, k=2, normalize_input=False), tc, Leaky(), [0], progress=False)
+
+
+def test_plain_lines_outside_a_terminal():
+    out = io.StringIO()
+    bar = progress.bar(100, "train 4 SAEs", stream=out, every=0.0)
+    for _ in range(4):
+        bar.set_postfix(loss="0.5")
+        bar.update(25)
+        time.sleep(0.01)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue() and len(lines) == 5
+    assert "train 4 SAEs: 25/100 step" in lines[0] and "ETA" in lines[0] and "loss=0.5" in lines[0]
+    assert "100/100" in lines[-1] and "ETA" not in lines[-1]
+    off = io.StringIO()
+    progress.bar(10, "x", stream=off, enabled=False).update(10)
+    assert off.getvalue() == ""
+
+
+def _run_in_terminal(args, timeout=300) -> tuple[int, str]:
+    """Run a command with a pseudo-terminal as its stdout/stderr (as in a real terminal) and return
+    its exit status and everything it drew, carriage returns included."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 40 rows x 120 columns
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TERM": "xterm"}
+    p = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, env=env, start_new_session=True)
+    os.close(slave)
+    chunks, t0 = [], time.time()
+    while time.time() - t0 < timeout:
+        r, _, _ = select.select([master], [], [], 0.5)
+        if r:
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif p.poll() is not None:
+            break
+    p.wait(timeout=30)
+    os.close(master)
+    return p.returncode, b"".join(chunks).decode("utf-8", "replace")
+
+
+@pytest.mark.slow
+def test_smoke_in_a_terminal_shows_stages_and_a_moving_bar(tmp_path):
+    code, screen = _run_in_terminal([sys.executable, "-m", "saejax.run", "experiments/smoke.py", "--out", str(tmp_path)])
+    assert code == 0, screen[-3000:]
+    assert re.search(r"\[1/2\] \S+\s+\(elapsed \d+s, ETA after the first unit\)", screen), screen[:3000]
+    assert re.search(r"\[2/2\] \S+\s+\(elapsed \d+s, ETA \d+", screen), screen[:3000]
+    frames = [f for f in re.split(r"[\r\n]", screen) if "SAEs x 256 tok" in f]
+    counts = {m.group(1) for f in frames if (m := re.search(r"\| *(\d+)/\d+ \[", f))}
+    assert len(counts) >= 2, frames[:20]  # the bar moved: at least two different step counts drawn
+    assert any(re.search(r"<\d\d:\d\d", f) for f in frames), frames[:20]  # tqdm's time left
+    assert re.search(r"time: \d+s in all; ", screen)  # where the time went
+
+
+@pytest.mark.slow
+def test_smoke_in_a_log_has_plain_lines_only(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "saejax.run", "experiments/smoke.py", "--out", str(tmp_path)],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "\r" not in r.stdout + r.stderr
+    assert re.search(r"3 SAEs x 256 tok: 120/120 step \([\d,.]+ step/s", r.stderr), r.stderr[-2000:]
