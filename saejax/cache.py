@@ -268,6 +268,7 @@ class CachedActivations:
         check(verify in ("full", "size"), f"verify must be 'full' or 'size', got {verify!r}")
         m = read_manifest(self.path)
         check(m is not None, f"no complete activation cache at {self.path} (missing or invalid manifest.json)")
+        assert m is not None  # narrowing only: check raised otherwise
         self.manifest = m
         dtype = storage_dtype(m["dtype"])
         self._decode = from_bf16_bits if m["dtype"] == "bfloat16" else np.asarray
@@ -333,7 +334,14 @@ class CachedActivations:
 
     def heldout(self) -> np.ndarray:
         if self._held is None:
-            self._held = self.read(self.n_tokens, self.n_total)
+            held = self.read(self.n_tokens, self.n_total)
+            bad = ~np.isfinite(held)
+            if bad.any():  # the runner asks for this before training, so a bad split costs no training
+                row = self.n_tokens + int(np.argwhere(bad)[0][0])
+                i = int(np.searchsorted(self._starts, row, side="right")) - 1
+                raise ConfigError(f"held-out row {row} of cache {self.path} ({self.manifest['shards'][i]['file']} "
+                                  f"row {row - int(self._starts[i])}) is NaN/inf; clean the source and extract again")
+            self._held = held
         return self._held
 
     def __repr__(self) -> str:

@@ -18,10 +18,13 @@ import numpy as np
 
 from saejax import archs, sae, stability
 from saejax.checkpoint import Checkpointer
+from saejax.data import Source
 from saejax.errors import ConfigError
 from saejax.experiment import Cell, Experiment, Unit
 from saejax.plan import unit_key
+from saejax.progress import bar as progress_bar
 from saejax.stability.kernel import pair_mesh
+from saejax.stability.metrics import pwmcc_from_stats
 from saejax.store import RunStore
 from saejax.train import TrainResult, evaluate, train
 
@@ -37,7 +40,7 @@ class CellContext:
     view: TrainResult  # those seeds (leading axis = seeds), at the cell's step
     ev: dict  # :func:`saejax.train.evaluate` on the held-out rows, with latents
     heldout: np.ndarray
-    source: object  # the built source
+    source: Source  # the built source
     rand: dict  # random control: decoders, encoders
     store: RunStore
     cache_dir: object = None
@@ -138,7 +141,9 @@ def run_unit(exp: Experiment, unit: Unit, source, store: RunStore, *, progress: 
     rand = random_control(unit.sae, exp.seeds, unit.sae.d_in, unit.train.root_seed)
     eff_rank = stability.effective_rank(heldout[:4096])
     records = []
+    busy = progress_bar(len(unit.cells), f"analyse {unit.id}", unit="cell", enabled=progress)
     for cell in unit.cells:
+        busy.set_postfix(cell=cell.id)
         view = _cell_view(result, store, udir, unit, cell, len(exp.seeds))
         keep = [i for i in range(len(exp.seeds)) if view.failed.get(i, cell.step) >= cell.step]
         failed = [exp.seeds[i] for i in range(len(exp.seeds)) if i not in keep]
@@ -152,7 +157,10 @@ def run_unit(exp: Experiment, unit: Unit, source, store: RunStore, *, progress: 
             records.append({**_record(ctx, eff_rank, dyn), "failed_seeds": failed,
                             "status": "ok" if not failed else f"{len(failed)} of {len(exp.seeds)} seeds failed"})
             store.write_cell(cell.id, "cell", records[-1])
-        log(headline(records[-1]))
+        busy.update(1)
+    busy.close()
+    for r in records:  # after the bar is gone, so lines and bar never share a row
+        log(headline(r))
     store.finish(udir, records)
     return records
 
@@ -193,7 +201,7 @@ def _dynamics(store: RunStore, udir, unit: Unit, cell: Cell, n: int, keep: list[
         if step > cell.step:
             break
         ap = stability.all_pairs(store.load_snapshot(udir, step)["params"]["W_dec"][idx], top_k=1)
-        per_pair = [stability.metrics.pwmcc_from_stats(jax.tree.map(lambda a, p=p: a[p], ap.stats))
+        per_pair = [pwmcc_from_stats(jax.tree.map(lambda a, p=p: a[p], ap.stats))
                     for p in range(len(ap.pairs))]
         rows.append({"step": step, "pwmcc": float(np.mean(per_pair))})
     return rows

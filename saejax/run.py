@@ -131,8 +131,11 @@ def _run(args, exp, plan, store, cache_dir) -> int:
 
 
 def _train_all(args, exp, plan, store, cache_dir) -> int:
+    import numpy as np
+
     from saejax import sharding, summary
     from saejax.cells import run_unit
+    from saejax.data import check_finite
     from saejax.plan import unit_key
     from saejax.progress import RunClock
 
@@ -144,6 +147,9 @@ def _train_all(args, exp, plan, store, cache_dir) -> int:
     check(source.d_in == plan.source.d_in, f"the source has d_in={source.d_in}, its plan said {plan.source.d_in}")
     check(source.n_tokens == plan.source.n_tokens,
           f"the source has {source.n_tokens} training tokens, its plan said {plan.source.n_tokens}")
+    # held-out rows are first used after training: a NaN there is found now (a cache names itself and the row)
+    check_finite(np.asarray(source.heldout()[: exp.heldout_tokens], np.float32),
+                 f"the held-out split of {exp.source.describe()}")
     records, last_mesh = [], None
     for i, unit in enumerate(plan.units, 1):
         mesh = sharding.describe_mesh(n_members=unit.n_members, batch_size=unit.train.batch_size,

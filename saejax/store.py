@@ -54,9 +54,8 @@ class RunStore:
     def status(self, udir: Path) -> str:
         if (udir / "done.json").is_file():
             return "done"
-        ckpt = udir / "ckpt"
-        if ckpt.is_dir() and any(not p.name.endswith(".orbax-checkpoint-tmp") and not p.name.startswith(".")
-                                 for p in ckpt.iterdir()):
+        # a finished Orbax save is ckpt/group<G>/<step>/; an unfinished one is <step>.orbax-checkpoint-tmp[-<time>]
+        if any(p.name.isdigit() and p.is_dir() for p in (udir / "ckpt").glob("group*/*")):
             return "resumes from checkpoint"
         return "to train"
 
