@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-USAGE = __doc__.split("\n\n")[1]
+USAGE = (__doc__ or "\n\n").split("\n\n")[1]
 
 
 def show(argv) -> int:

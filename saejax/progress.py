@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 
 def _fmt(seconds: float) -> str:
     s = int(round(seconds))
@@ -26,23 +28,33 @@ class RunClock:
     units: tuple
     t0: float = field(default_factory=time.perf_counter)
     stages: list = field(default_factory=list)
-    done_work: float = 0.0
-    train_seconds: float = 0.0
 
     def stage(self, name: str, seconds: float) -> None:
         self.stages.append((name, seconds))
 
+    measured: list = field(default_factory=list)  # (work, seconds) of each unit trained so far
+
+    def seconds_for(self, w: float) -> float:
+        """Predicted seconds of a unit of work ``w``: ``a + b w`` fitted (least squares, both
+        non-negative) to the units trained so far, so a unit's fixed cost (compilation, analyses)
+        is not scaled by its size; with one unit, or one size, proportional to it."""
+        ws = np.array([m[0] for m in self.measured])
+        ts = np.array([m[1] for m in self.measured])
+        if len(set(ws.tolist())) >= 2:
+            b, a = np.polyfit(ws, ts, 1)
+            if b >= 0 and a >= 0:
+                return float(a + b * w)
+        return float(w * ts.sum() / ws.sum())
+
     def eta(self, remaining_units) -> str:
-        if self.done_work == 0:
+        if not self.measured:
             return "ETA after the first unit"
-        left = sum(work(u) for u in remaining_units) * self.train_seconds / self.done_work
-        return f"ETA {_fmt(left)}"
+        return f"ETA {_fmt(sum(self.seconds_for(work(u)) for u in remaining_units))}"
 
     def unit_done(self, unit, seconds: float, trained: bool) -> None:
         self.stage(unit.id, seconds)
         if trained:
-            self.done_work += work(unit)
-            self.train_seconds += seconds
+            self.measured.append((work(unit), seconds))
 
     def line(self, i: int, unit) -> str:
         elapsed = time.perf_counter() - self.t0

@@ -20,7 +20,7 @@ from saejax.errors import ConfigError, check
 
 
 def parse_args(argv, prog: str = "python -m saejax.run"):
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[1])
+    p = argparse.ArgumentParser(prog=prog, description=(__doc__ or "\n\n").split("\n\n")[1])
     p.add_argument("experiment", help="experiment file with get_config(), e.g. experiments/grid.py")
     p.add_argument("--out", help="output directory (default: runs/<experiment name>)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -237,6 +237,7 @@ def _train_group(sae_cfg, tc, source, members, points, total, scale, b_dec, prog
     scale_dev = sharding.put(np.float32(scale), rep)
     while done < total:
         state, m = program(state, put_x(xs), sharding.put(act, rep), hp, scale_dev, total_dev)
+        assert act is not None  # filled before the loop and at the end of every call that is not the last
         n_steps = int(act.sum())
         ends = done + np.minimum(np.arange(1, chunk // tc.log_every + 1) * tc.log_every, n_steps)
         real = np.concatenate([[True], ends[1:] > ends[:-1]])

@@ -122,3 +122,21 @@ def test_smoke_in_a_log_has_plain_lines_only(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "\r" not in r.stdout + r.stderr
     assert re.search(r"3 SAEs x 256 tok: 120/120 step \([\d,.]+ step/s", r.stderr), r.stderr[-2000:]
+
+
+def test_run_eta_separates_fixed_cost_from_work():
+    from types import SimpleNamespace as NS
+
+    def unit(i, d_sae):
+        return NS(id=f"u{i}", n_members=5, total=100, train=NS(batch_size=10), sae=NS(d_sae=d_sae, d_in=8))
+
+    units = tuple(unit(i, w) for i, w in enumerate((64, 128, 256, 512, 1024)))
+    clock = progress.RunClock(units)
+    assert clock.eta(units) == "ETA after the first unit"
+    cost = lambda u: 20.0 + 1e-6 * progress.work(u)  # noqa: E731  20 s fixed + work
+    clock.unit_done(units[0], cost(units[0]), True)
+    assert clock.seconds_for(progress.work(units[1])) == pytest.approx(2 * cost(units[0]))  # one size: proportional
+    clock.unit_done(units[1], cost(units[1]), True)
+    clock.unit_done(units[1], 0.0, False)  # a unit found done is not a measurement
+    left = sum(cost(u) for u in units[2:])
+    assert clock.eta(units[2:]) == f"ETA {progress._fmt(left)}"
