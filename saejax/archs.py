@@ -215,7 +215,7 @@ def _relu_infer(cfg, params, pre, threshold):
 def _jump_train(cfg, params, pre, hp, ramp):
     thr = jnp.exp(params["log_threshold"])
     z = jumprelu(pre, thr, cfg.jump_bandwidth)
-    l0 = heaviside_ste(pre, thr, cfg.jump_bandwidth)
+    l0: jax.Array = heaviside_ste(pre, thr, cfg.jump_bandwidth)  # partial(custom_vjp) loses the return type
     return z, ramp * hp["l0_coef"] * jnp.mean(jnp.sum(l0, axis=1)), _zero(pre)
 
 

@@ -335,12 +335,10 @@ class CachedActivations:
     def heldout(self) -> np.ndarray:
         if self._held is None:
             held = self.read(self.n_tokens, self.n_total)
-            bad = ~np.isfinite(held)
-            if bad.any():  # the runner asks for this before training, so a bad split costs no training
-                row = self.n_tokens + int(np.argwhere(bad)[0][0])
+            if not np.isfinite(held).all():  # the runner asks for this before training: a bad split costs no training
+                row = self.n_tokens + int(np.argwhere(~np.isfinite(held))[0][0])
                 i = int(np.searchsorted(self._starts, row, side="right")) - 1
-                raise ConfigError(f"held-out row {row} of cache {self.path} ({self.manifest['shards'][i]['file']} "
-                                  f"row {row - int(self._starts[i])}) is NaN/inf; clean the source and extract again")
+                raise ConfigError(f"held-out row {row} of cache {self.path} ({self.manifest['shards'][i]['file']} row {row - int(self._starts[i])}) is NaN/inf; clean the source and extract again")
             self._held = held
         return self._held
 

@@ -47,7 +47,7 @@ def compare(dirs: list[str | Path]) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m saejax.compare", description=__doc__.split("\n\n")[1])
+    p = argparse.ArgumentParser(prog="python -m saejax.compare", description=__doc__.split("\n\n")[1] if __doc__ else None)
     p.add_argument("dirs", nargs="+",
                    help="SAE directories or params.npz files (Gemma Scope, SAELens, sparsify, dictionary_learning)")
     p.add_argument("--json", help="also write the records to this file")

@@ -94,7 +94,7 @@ def check_seeds(seeds) -> tuple[int, ...]:
     return tuple(int(s) for s in seeds)
 
 
-def closest(name: str, options) -> str:
+def closest(name: object, options) -> str:
     """' (did you mean X?)' for the closest of ``options``, or ''."""
     hit = difflib.get_close_matches(str(name), [str(o) for o in options], n=1)
     return f" (did you mean {hit[0]!r}?)" if hit else ""
@@ -251,6 +251,7 @@ class TrainConfig:
         if self.steps is not None:
             return self.steps
         check(n_tokens is not None, "epochs needs a finite activation source; give steps for an endless one")
+        assert n_tokens is not None and self.epochs is not None  # __post_init__: exactly one of steps, epochs
         return max(1, -(-int(self.epochs * n_tokens) // self.batch_size))
 
     def replace(self, **kw) -> "TrainConfig":

@@ -49,8 +49,8 @@ def window_for(spec, info: ModelInfo, tok, cfg: dict) -> Window:
         end = _either(_special(tok, cfg, "sep_token_id"), eos)
         return Window(() if start is None else (start,), () if end is None else (end,), eos if eos is not None else end, pad)
     bos = _special(tok, cfg, "bos_token_id")
-    use = bos is not None and (spec.prepend_bos or not spec.packed)  # given contexts: BOS is only recognised
-    return Window((bos,) if use else (), (), eos, pad)
+    use = spec.prepend_bos or not spec.packed  # given contexts: BOS is only recognised
+    return Window((bos,) if bos is not None and use else (), (), eos, pad)
 
 
 def _contexts_needed(spec, window: Window) -> int | None:

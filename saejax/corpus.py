@@ -24,6 +24,7 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -200,7 +201,7 @@ class HFDataset:
         except Exception as e:  # network, unknown name, bad split: one line, not a traceback
             raise ConfigError(f"cannot load dataset {self.name!r} (config {self.config!r}, split {self.split!r}): "
                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-        for row in ds:
+        for row in cast("Iterable[dict]", ds):  # one named split: a (streaming) Dataset, rows are dicts
             check(self.column in row, f"dataset {self.name!r} has no column {self.column!r} (columns: {sorted(row)})")
             if row[self.column]:
                 yield row[self.column]

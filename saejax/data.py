@@ -109,6 +109,7 @@ class ArraySource:
             yield self.train[idx]
 
     def heldout(self) -> np.ndarray:
+        assert self.held is not None  # __post_init__ fills it from the training rows
         return self.held
 
 

@@ -119,64 +119,80 @@ def modular_downstream(spec, cfg, raw_params: dict, thresholds, seeds, *, analys
     ridge probe of :func:`saejax.probe.fit_probe` (113 classes on up to 1024 latents).
     Returns ``(columns for summary.json, full report)``.
     """
-    from saejax.activations import capture
     from saejax.models.modular import modular_model
-    from saejax.probe import probe_seeds, usage_table
 
     mm = modular_model(spec.task, cache_dir=cache_dir, progress=False)
-    ids, n_pos = mm.data["ids"], mm.data["ids"].shape[1]
+    n_pos = mm.data["ids"].shape[1]
     positions = None if spec.positions == "all" else [n_pos - 1] if spec.positions == "last" else list(spec.positions)
     per_seed = [{k: np.asarray(v[i]) for k, v in raw_params.items()} for i in range(len(seeds))]
     recon = {f"seed{s}": sae_reconstructor(cfg, p, float(t)) for s, p, t in zip(seeds, per_seed, thresholds)}
     cols, rep = {}, {}
     if "splice" in analyses:
-        held = ids[mm.heldout_idx]
-        targets = np.full(held.shape, -1, np.int64)
-        targets[:, -1] = mm.data["answer"][mm.heldout_idx]
-        import torch
-
-        with torch.no_grad():
-            acts = capture(mm.model, torch.as_tensor(ids[mm.train_idx]), [(spec.layer, spec.site)])[(spec.layer, spec.site)]
-        sel = acts if positions is None else acts[:, positions]
-        mean = sel.reshape(-1, sel.shape[-1]).mean(0).numpy()
-        res = splice(mm.model, held, targets, spec.layer, spec.site, recon, positions=positions, mean=mean)
-        rep["splice"] = res
-        seeds_res = [res[f"seed{s}"] for s in seeds]
-        cols["ce_clean"], cols["ce_zero_ablation"] = res["clean"]["ce"], res["zero"]["ce"]
-        cols["ce_mean_ablation"] = res["mean"]["ce"]
-        cols["ce_spliced"] = float(np.mean([r["ce"] for r in seeds_res]))
-        cols["acc_clean"] = res["clean"]["acc"]
-        cols["acc_spliced"] = float(np.mean([r["acc"] for r in seeds_res]))
-        cols["kl_spliced"] = float(np.mean([r["kl"] for r in seeds_res]))
-        cols["loss_recovered"], cols["loss_recovered_ci_low"], cols["loss_recovered_ci_high"] = _t_ci(
-            [r["loss_recovered_vs_zero"] for r in seeds_res])
-        cols["loss_recovered_vs_mean"] = float(np.mean([r["loss_recovered_vs_mean"] for r in seeds_res]))
+        rep["splice"] = _modular_splice(mm, spec, recon, positions)
+        cols.update(_splice_columns(rep["splice"], seeds))
     if "probe" in analyses:
-        import torch
-
-        with torch.no_grad():
-            last = capture(mm.model, torch.as_tensor(ids), [(spec.layer, spec.site)])[(spec.layer, spec.site)][:, -1]
-        raw = last.float().numpy()
-        latents = np.stack([np.asarray(sae.encode(cfg, p, raw, archs.get(cfg.arch).threshold(None if t is None else np.float32(t))))
-                            for p, t in zip(per_seed, thresholds)])
-        labels = {"answer": mm.data["answer"]}
-        if spec.task == "both":
-            labels["op"] = mm.data["op"]
-        rep["probe"] = {}
-        for name, y in labels.items():
-            pr = probe_seeds(raw, latents, y, method="ridge")  # 113 classes x wide SAEs: closed form
-            rep["probe"][name] = pr
-            cols[f"probe_{name}_raw_acc"] = pr["raw"]["test_acc"]
-            cols[f"probe_{name}_sae_acc"] = pr["sae_mean"]
-            cols[f"probe_{name}_sae_ci_low"], cols[f"probe_{name}_sae_ci_high"] = pr["sae_ci_low"], pr["sae_ci_high"]
-        usage_label = "op" if spec.task == "both" else "answer"
-        y = labels[usage_label]
-        dec = np.stack([p["W_dec"] for p in per_seed])
-        rep["usage"] = {"label": usage_label, "rows": usage_table(latents, y, int(y.max()) + 1, decoders=dec)}
-        corr = [r["profile_corr"] for r in rep["usage"]["rows"] if r.get("profile_corr") is not None]
-        cols["usage_profile_corr"] = float(np.mean(corr)) if corr else None
+        probe_rep, probe_cols = _modular_probe(mm, spec, cfg, per_seed, thresholds)
+        rep.update(probe_rep)
+        cols.update(probe_cols)
     return cols, rep
 
+
+def _modular_splice(mm, spec, recon: dict[str, Callable], positions: list[int] | None) -> dict:
+    """:func:`splice` on the held-out prompts, scoring the answer token (last position); the
+    mean-ablation control is the activation mean over the training prompts."""
+    import torch
+
+    from saejax.activations import capture
+
+    ids = mm.data["ids"]
+    held = ids[mm.heldout_idx]
+    targets = np.full(held.shape, -1, np.int64)
+    targets[:, -1] = mm.data["answer"][mm.heldout_idx]
+    with torch.no_grad():
+        acts = capture(mm.model, torch.as_tensor(ids[mm.train_idx]), [(spec.layer, spec.site)])[(spec.layer, spec.site)]
+    sel = acts if positions is None else acts[:, positions]
+    mean = sel.reshape(-1, sel.shape[-1]).mean(0).numpy()
+    return splice(mm.model, held, targets, spec.layer, spec.site, recon, positions=positions, mean=mean)
+
+
+def _modular_probe(mm, spec, cfg, per_seed: list[dict], thresholds) -> tuple[dict, dict]:
+    """Ridge probes of raw activations vs each seed's latents at the ``=`` position of every
+    prompt (labels: the answer, and the operation for the combined task), then the latent usage
+    table. Returns ``(report entries "probe" and "usage", columns)``."""
+    import torch
+
+    from saejax.activations import capture
+    from saejax.probe import probe_seeds
+
+    with torch.no_grad():
+        last = capture(mm.model, torch.as_tensor(mm.data["ids"]), [(spec.layer, spec.site)])[(spec.layer, spec.site)][:, -1]
+    raw = last.float().numpy()
+    latents = np.stack([np.asarray(sae.encode(cfg, p, raw, archs.get(cfg.arch).threshold(None if t is None else np.float32(t))))
+                        for p, t in zip(per_seed, thresholds)])
+    labels = {"answer": mm.data["answer"]}
+    if spec.task == "both":
+        labels["op"] = mm.data["op"]
+    probes: dict[str, dict] = {}
+    cols: dict = {}
+    for name, y in labels.items():
+        pr = probe_seeds(raw, latents, y, method="ridge")  # 113 classes x wide SAEs: closed form
+        probes[name] = pr
+        cols[f"probe_{name}_raw_acc"] = pr["raw"]["test_acc"]
+        cols[f"probe_{name}_sae_acc"] = pr["sae_mean"]
+        cols[f"probe_{name}_sae_ci_low"], cols[f"probe_{name}_sae_ci_high"] = pr["sae_ci_low"], pr["sae_ci_high"]
+    usage_label = "op" if spec.task == "both" else "answer"
+    usage, cols["usage_profile_corr"] = _usage(latents, labels[usage_label], usage_label, per_seed)
+    return {"probe": probes, "usage": usage}, cols
+
+
+def _usage(latents: np.ndarray, y: np.ndarray, label: str, per_seed: list[dict]) -> tuple[dict, float | None]:
+    """The latent usage table for ``label`` (with the seeds' decoders) and its mean profile correlation."""
+    from saejax.probe import usage_table
+
+    dec = np.stack([p["W_dec"] for p in per_seed])
+    usage = {"label": label, "rows": usage_table(latents, y, int(y.max()) + 1, decoders=dec)}
+    corr = [r["profile_corr"] for r in usage["rows"] if r.get("profile_corr") is not None]
+    return usage, float(np.mean(corr)) if corr else None
 
 # ----------------------------------------------------------------------------- Hugging Face sources
 def _per_seed(raw_params: dict, thresholds, seeds) -> list[tuple[dict, float | None]]:
@@ -291,6 +307,7 @@ def hf_downstream(spec, cfg, raw_params: dict, thresholds, seeds, *, analyses=("
     ref = locate(ex.model, ex.revision, cache_dir=cache_dir)
     reader = hf_source(spec, cache_dir=cache_dir, progress=False)
     model_dir, _ = materialize(ref, cache_dir)
+    assert ref.info is not None  # materialize raised ConfigError if the model is missing
     head = auto_class_name(model_dir, ref.info)
     if "splice" in analyses and head == "AutoModel":
         raise ConfigError(f"splice is not available for {ref.info.name}: it has no LM head")

@@ -8,7 +8,10 @@ class ConfigError(ValueError):
     """
 
 
-def check(cond: bool, message: str) -> None:
-    """Raise :class:`ConfigError` with ``message`` unless ``cond`` holds."""
+def check(cond: object, message: str) -> None:
+    """Raise :class:`ConfigError` with ``message`` unless ``cond`` is truthy.
+
+    ``cond`` is tested for truthiness, so a non-empty string or list counts as holding.
+    """
     if not cond:
         raise ConfigError(message)

@@ -161,7 +161,10 @@ class Experiment:
 
     @property
     def lengths(self) -> tuple:
-        return tuple(self.epochs if self.epochs is not None else self.steps)
+        if self.epochs is not None:
+            return tuple(self.epochs)
+        assert self.steps is not None  # __post_init__: exactly one of epochs, steps
+        return tuple(self.steps)
 
     @property
     def length_unit(self) -> str:
@@ -248,6 +251,7 @@ def load(path) -> Experiment:
     check(path.is_file(), f"experiment file {str(path)!r} does not exist")
     spec = importlib.util.spec_from_file_location(f"saejax_experiment_{path.stem}", path)
     check(spec is not None and spec.loader is not None, f"experiment file {str(path)!r} is not a Python file")
+    assert spec is not None and spec.loader is not None  # narrowing only: check raised otherwise
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     try:
@@ -261,6 +265,7 @@ def load(path) -> Experiment:
         raise ConfigError(f"{path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     check(exp is not None, f"{path} defines neither get_config() nor a module-level config")
     check(isinstance(exp, Experiment), f"{path}: get_config() must return saejax.experiment.Experiment, got {type(exp).__name__}")
+    assert isinstance(exp, Experiment)  # narrowing only: check raised otherwise
     return exp
 
 

@@ -67,7 +67,7 @@ def _heatmap(best: dict, out: Path, fdir: Path):
 def _matched(best: dict, out: Path, fdir: Path):
     matched = read_json(out / "cells" / best["cell"] / "matched.json")
     fig, ax = _axes()
-    bins = np.linspace(0, 1, 41)
+    bins = np.linspace(0, 1, 41).tolist()  # a list: matplotlib's stubs take Sequence[float], not ndarray
     ax.hist(matched["trained"], bins=bins, alpha=0.7, density=True, label="trained")
     ax.hist(matched["random"], bins=bins, alpha=0.7, density=True, label="random control (untrained)")
     ax.set_xlabel(f"Hungarian-matched |cos|, seeds {matched['seeds'][0]} vs {matched['seeds'][1]}")

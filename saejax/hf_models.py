@@ -34,6 +34,7 @@ import shutil
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -141,16 +142,18 @@ def materialize(ref: ModelRef, cache_dir=None) -> tuple[Path, str]:
     """A loadable local directory and the weights identity: downloads a hub model (if it is not in
     the local cache) or converts a GGUF file (once; the copy is keyed by the file's hash)."""
     check(ref.missing is None, ref.missing or "")
+    assert ref.weights is not None  # a located (not missing) model has its weights identity
     if ref.path is not None:
         return ref.path, ref.weights
     if ref.kind == "gguf":
+        assert ref.gguf is not None  # locate sets the file of every GGUF model
         dest = converted_dir(ref.gguf, ref.weights.split(":")[1], cache_dir)
         dest.parent.mkdir(parents=True, exist_ok=True)
         return convert_gguf(ref.gguf, dest), ref.weights
     from huggingface_hub import snapshot_download
 
     try:
-        kw = dict(revision=ref.revision, ignore_patterns=_IGNORE)
+        kw: dict[str, Any] = dict(revision=ref.revision, ignore_patterns=_IGNORE)
         path = Path(snapshot_download(ref.given, **kw, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]))
         if not any(path.glob("*.safetensors")):
             path = Path(snapshot_download(ref.given, **kw, allow_patterns=["*.json", "*.bin", "*.model", "*.txt", "*.tiktoken"]))
@@ -175,7 +178,7 @@ def _walk(root, path: str):
 
 
 def _n_layers(model) -> int | None:
-    cfg = getattr(model, "config", None)
+    cfg: Any = getattr(model, "config", None)
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     return getattr(cfg, "num_hidden_layers", None)
 
@@ -190,6 +193,7 @@ def find_blocks(model, blocks: str | None = None):
         found = next((m for m in (_walk(model, blocks), _walk(base, blocks)) if m is not None), None)
         check(isinstance(found, torch.nn.ModuleList) and len(found) > 0,
               f"model {name} has no block list at blocks={blocks!r} (expected a non-empty nn.ModuleList)")
+        assert isinstance(found, torch.nn.ModuleList)  # narrowing only: check raised otherwise
         return found
     mtype = getattr(getattr(model, "config", None), "model_type", None)
     found = _walk(base, BLOCK_TABLE[mtype]) if mtype in BLOCK_TABLE else None
@@ -201,7 +205,9 @@ def find_blocks(model, blocks: str | None = None):
         f"several nn.ModuleLists of {n} modules ({', '.join(lists)})" if lists else
         f"no nn.ModuleList of num_hidden_layers={n} modules and model_type {mtype!r} is not in the table")
         + "; pass blocks='path.to.layers'")
-    return _walk(model, lists[0])
+    found = _walk(model, lists[0])
+    assert found is not None  # a path named_modules just listed
+    return found
 
 
 def site_module(block, site: str):
@@ -314,15 +320,15 @@ def patched_logits(model, input_ids, layer: int, site: str, replace, *, position
         mod, when = site_module(layers[layer], site)
         swap = _swapper(replace, positions)
         if when == "pre":
-            def hook(mod, args, kwargs):
+            def pre_hook(mod, args, kwargs):
                 if args:
                     return (swap(args[0]), *args[1:]), kwargs
                 return args, {**kwargs, "hidden_states": swap(kwargs["hidden_states"])}
-            handle = mod.register_forward_pre_hook(hook, with_kwargs=True)
+            handle = mod.register_forward_pre_hook(pre_hook, with_kwargs=True)
         else:
-            def hook(mod, args, out):
+            def post_hook(mod, args, out):
                 return (swap(out[0]), *out[1:]) if isinstance(out, (tuple, list)) else swap(out)
-            handle = mod.register_forward_hook(hook)
+            handle = mod.register_forward_hook(post_hook)
     try:
         with torch.no_grad():
             out = model(input_ids=ids, attention_mask=am, **_forward_kw(model))

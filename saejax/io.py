@@ -10,6 +10,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any, overload
 
 import numpy as np
 
@@ -41,6 +42,10 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
     return path
 
 
+@overload
+def to_jsonable(x: dict) -> dict: ...
+@overload
+def to_jsonable(x: object) -> Any: ...
 def to_jsonable(x):
     """Plain Python for ``json``: numpy scalars/arrays to numbers/lists, NaN to None."""
     if isinstance(x, dict):
@@ -120,6 +125,7 @@ def load_saelens(directory: str | Path) -> tuple[SAEConfig, dict]:
     name = raw.get("saejax_arch") or archs.SAELENS_NAMES.get(raw.get("architecture", "standard"))
     check(name in archs.REGISTRY, f"{directory}: SAELens architecture {raw.get('architecture')!r} is not supported; "
                                   f"expected one of {sorted(archs.SAELENS_NAMES)}")
+    assert isinstance(name, str)  # narrowing only: a registry key
     saved = archs.get(name)
     arch = archs.get(saved.loads_as or saved.name)
     missing = [k for k in ("W_enc", "W_dec", "b_dec", saved.saelens_b_enc) if k not in t]

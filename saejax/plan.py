@@ -62,10 +62,10 @@ def _unit(exp: Experiment, cfg: SAEConfig, lengths: tuple, n_tokens: int | None)
     base = f"{cfg.arch}-w{cfg.d_sae}" + (f"-k{cfg.k}" if arch.uses_k else "")
     cells = []
     for h, (coef, lr) in enumerate(itertools.product(coefs, lrs)):  # sweep_grid's order: coef-major
-        name = base + (f"-{arch.coef.split('_')[0]}_{coef:g}" if coef is not None else "")
+        name = base + (f"-{arch.coef.split('_')[0]}_{coef:g}" if arch.coef and coef is not None else "")
         name += f"-lr{lr:g}" if lr is not None else ""
         cells += [Cell(f"{name}-len{v:g}", h, coef, lr, v, s) for v, s in zip(lengths, steps)]
-    uid = base + ("" if len(lengths) > 1 else f"-len{lengths[0]:g}")
+    uid = base + (f"-len{lengths[0]:g}" if len(lengths) == 1 else "")  # lengths is never empty
     n_members = len(exp.seeds) * len(coefs) * len(lrs)
     return Unit(uid, cfg, tc, sweep or None, tuple(cells), total, tuple(sorted(set(dyn) | set(steps))), dyn,
                 n_members, member_bytes(cfg, tc))

@@ -258,11 +258,13 @@ def _dictionary_learning(path: Path):
     """
     trainer = _read_json(path / "config.json").get("trainer")
     check(isinstance(trainer, dict), f"{str(path / 'config.json')!r} has no 'trainer' section")
+    assert isinstance(trainer, dict)  # narrowing only: check raised otherwise
     name = trainer.get("dict_class")
     check(name in _DL_CLASSES, f"{str(path)!r}: dictionary_learning dict_class {name!r} is not supported; "
                                f"expected one of {sorted(_DL_CLASSES)}{closest(name, _DL_CLASSES)}")
     missing = [f for f in ("activation_dim", "dict_size") if f not in trainer]
     check(not missing, f"{str(path / 'config.json')!r}: trainer has no {', '.join(missing)}")
+    assert isinstance(name, str)  # narrowing only: a key of _DL_CLASSES
     arch, spec = _DL_CLASSES[name]
     sd = _torch_state_dict(path / "ae.pt")
     params = _take(path / "ae.pt", sd, spec, int(trainer["activation_dim"]), int(trainer["dict_size"]))

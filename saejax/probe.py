@@ -97,7 +97,7 @@ def probe_seeds(raw, latents, labels, *, test_frac: float = 0.25, seed: int = 0,
     labels = np.asarray(labels)
     tr, te = split(len(labels), test_frac=test_frac, seed=seed)
     raw = np.asarray(raw)
-    out = {"raw": fit_probe(raw[tr], labels[tr], raw[te], labels[te], **kw)}
+    out: dict = {"raw": fit_probe(raw[tr], labels[tr], raw[te], labels[te], **kw)}
     out["seeds"] = [fit_probe(z[tr], labels[tr], z[te], labels[te], **kw) for z in np.asarray(latents)]
     accs = np.array([s["test_acc"] for s in out["seeds"]])
     out["sae_mean"] = float(accs.mean())

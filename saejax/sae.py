@@ -25,6 +25,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from saejax import archs, kernels
 from saejax.archs import batchtopk_latents, heaviside_ste, jumprelu, scatter_latents, topk_select  # noqa: F401
@@ -91,11 +92,11 @@ def fold_scale(params: dict, scale) -> dict:
 
 
 # ----------------------------------------------------------------------------- forward
-def pre_acts(params: dict, x: jax.Array) -> jax.Array:
+def pre_acts(params: dict, x: ArrayLike) -> jax.Array:
     return (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
 
 
-def encode(cfg: SAEConfig, params: dict, x: jax.Array, threshold: jax.Array | None = None) -> jax.Array:
+def encode(cfg: SAEConfig, params: dict, x: ArrayLike, threshold: ArrayLike | None = None) -> jax.Array:
     """Latents ``[B, d_sae]`` for inference. BatchTopK uses its estimated ``threshold`` when given
     (per-token, batch-independent) and the batch top-k otherwise."""
     return archs.get(cfg.arch).infer_latents(cfg, params, pre_acts(params, x), threshold)
@@ -130,8 +131,9 @@ def dense_step(cfg: SAEConfig, params: dict, x: jax.Array, hp: dict, dead: jax.A
 def sparse_topk_step(cfg: SAEConfig, params: dict, x: jax.Array, dead: jax.Array) -> Step:
     """TopK through :mod:`saejax.kernels`: same numbers as :func:`dense_step`; only the encoder
     forward is dense."""
-    vals, idx, aux_vals, aux_idx = kernels.topk_encode(
+    enc: tuple[jax.Array, jax.Array, jax.Array, jax.Array] = kernels.topk_encode(  # partial(custom_vjp) loses the type
         x, params["W_enc"], params["b_enc"], params["b_dec"], dead, cfg.k, cfg.n_aux)
+    vals, idx, aux_vals, aux_idx = enc
     x_hat = kernels.sparse_decode(vals, idx, params["W_dec"]) + params["b_dec"]
     fired = jnp.zeros(cfg.d_sae, bool).at[idx.reshape(-1)].max((vals > 0).reshape(-1))
     zero = jnp.zeros((), x.dtype)
@@ -156,6 +158,7 @@ def loss(cfg: SAEConfig, params: dict, x: jax.Array, hp: dict, dead: jax.Array, 
     """
     arch = archs.get(cfg.arch)
     if cfg.kernel == "sparse":
+        assert arch.sparse_step is not None  # SAEConfig only allows kernel="sparse" for an arch with one
         st = arch.sparse_step(cfg, params, x, dead)
     else:
         st = (arch.dense_step or dense_step)(cfg, params, x, hp, dead, ramp)

@@ -99,6 +99,7 @@ def check_record(record: dict) -> None:
     for key, value in record.items():
         c = column(key)
         check(c is not None, f"summary column {key!r} is not declared in saejax.schema.COLUMNS")
+        assert c is not None  # narrowing only: check raised otherwise
         check(value is None or isinstance(value, _TYPES[c.type]) or hasattr(value, "dtype"),
               f"summary column {key!r} should be {c.type}, got {type(value).__name__}")
 

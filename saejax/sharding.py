@@ -185,7 +185,7 @@ def members_spec(mesh: Mesh, ndim: int = 1, batch_dim: int | None = None) -> Nam
 
 def data_spec(mesh: Mesh, ndim: int, batch_dim: int) -> NamedSharding:
     """Shared data: replicated over ``members``, axis ``batch_dim`` over ``batch``."""
-    spec = [None] * ndim
+    spec: list[str | None] = [None] * ndim
     if BATCH in mesh.axis_names:
         spec[batch_dim] = BATCH
     return NamedSharding(mesh, P(*spec))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from functools import lru_cache, partial
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -89,7 +90,7 @@ def train_step(sae_cfg: SAEConfig, tc: TrainConfig, total: int, state: TrainStat
         grads = {**grads, "W_dec": g - jnp.sum(g * w, axis=1, keepdims=True) * w}
     updates, opt = make_optimizer(tc).update(grads, state.opt, state.params)
     lr = hp["lr"] * lr_schedule(tc, total, state.step)
-    params = optax.apply_updates(state.params, jax.tree.map(lambda u: -lr * u, updates))
+    params = cast(dict, optax.apply_updates(state.params, jax.tree.map(lambda u: -lr * u, updates)))  # same tree as state.params
     if sae_cfg.unit_norm_decoder:
         params = {**params, "W_dec": _unit_rows(params["W_dec"])}
     since = jnp.where(fired, 0, jnp.minimum(state.since_fired + x.shape[0], sae_cfg.dead_tokens))

@@ -127,7 +127,7 @@ class _Pace:
     """Steps per compiled call: the program is compiled for ``chunk`` steps, but each call runs only
     as many as take about ``target`` seconds (a multiple of ``log_every``; the rest are masked and
     skipped), so progress moves every few seconds however slow a step is. The first two calls
-    (prepared before any timing; the first includes compilation) run one logging window each.
+    (prepared before any timing; the first includes compilation) run the whole chunk.
     Results do not depend on it: every call starts and ends on a logging-window boundary."""
 
     def __init__(self, chunk: int, log_every: int, target: float = 2.0):
@@ -136,7 +136,7 @@ class _Pace:
         self.calls, self.t = 0, time.perf_counter()
 
     def steps(self, remaining: int) -> int:
-        n = self.unit
+        n = self.chunk
         if self.per_step is not None:
             n = int(self.target / max(self.per_step, 1e-9)) // self.unit * self.unit
         return min(max(n, self.unit), self.chunk, remaining)
@@ -225,16 +225,11 @@ def _train_group(sae_cfg, tc, source, members, points, total, scale, b_dec, prog
     if stops[0] == 0 and done == 0 and on_stop is not None:
         on_stop(group, 0, to_host(state))
     program = chunk_program(sae_cfg, program_key(tc), shared)
-    total_dev = sharding.put(np.int32(total), rep)
+    total_dev, scale_dev = sharding.put(np.int32(total), rep), sharding.put(np.float32(scale), rep)
     bar = progress_bar(total, f"{len(members)} SAEs x {bs} tok", enabled=progress, initial=done)
-    pace = _Pace(chunk, tc.log_every)
-    last_ckpt = done
-
-    def fill():
-        return _fill(its, chunk, bs, d, pace.steps(next(s for s in stops if s > done) - done), done)
-
+    pace, last_ckpt = _Pace(chunk, tc.log_every), done
+    fill = lambda: _fill(its, chunk, bs, d, pace.steps(next(s for s in stops if s > done) - done), done)  # noqa: E731
     xs, act = fill() if done < total else (None, None)
-    scale_dev = sharding.put(np.float32(scale), rep)
     while done < total:
         state, m = program(state, put_x(xs), sharding.put(act, rep), hp, scale_dev, total_dev)
         assert act is not None  # filled before the loop and at the end of every call that is not the last

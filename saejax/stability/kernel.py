@@ -38,17 +38,18 @@ class PairStats(NamedTuple):
 
     ``row_*`` describe each row ``a_i`` of the first dictionary against all rows of the second;
     ``col_*`` describe each row ``b_j`` of the second against all rows of the first. Scores are
-    |cos| (or signed cos) in float32, top-k sorted descending, indices int32.
+    |cos| (or signed cos) in float32, top-k sorted descending, indices int32. Fields are device
+    arrays from the kernel, numpy once copied to the host.
     """
 
-    row_max: jax.Array  # [n_a]     max_j s_ij
-    row_arg: jax.Array  # [n_a]     argmax_j s_ij
-    row_topk: jax.Array  # [n_a, k]
-    row_topk_idx: jax.Array  # [n_a, k]
-    col_max: jax.Array  # [n_b]     max_i s_ij
-    col_arg: jax.Array  # [n_b]
-    col_topk: jax.Array  # [n_b, k]
-    col_topk_idx: jax.Array  # [n_b, k]
+    row_max: np.ndarray | jax.Array  # [n_a]     max_j s_ij
+    row_arg: np.ndarray | jax.Array  # [n_a]     argmax_j s_ij
+    row_topk: np.ndarray | jax.Array  # [n_a, k]
+    row_topk_idx: np.ndarray | jax.Array  # [n_a, k]
+    col_max: np.ndarray | jax.Array  # [n_b]     max_i s_ij
+    col_arg: np.ndarray | jax.Array  # [n_b]
+    col_topk: np.ndarray | jax.Array  # [n_b, k]
+    col_topk_idx: np.ndarray | jax.Array  # [n_b, k]
 
 
 class AllPairs(NamedTuple):

@@ -265,6 +265,7 @@ class _ExactRows:
             self.xn, self.yn = _unit(self.p.x[self.p.ix]), _unit(self.p.y[self.p.iy])
         missing = np.array([i for i in rows if i not in self.cache], dtype=np.int64)
         for start in range(0, missing.size, self.block):
+            assert self.xn is not None and self.yn is not None  # normalised above: rows is not empty here
             rb = missing[start:start + self.block]
             s = self.xn[rb] @ self.yn.T
             s = s if self.signed else np.abs(s)

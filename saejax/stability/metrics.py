@@ -57,7 +57,7 @@ def matching_metrics(m: Matching, *, thresholds=THRESHOLDS, curve=CURVE) -> dict
         nan = float("nan")
         return {"hungarian_mean": nan, "hungarian_median": nan, **{f"frac_ge_{t}": nan for t in thresholds},
                 "curve": [nan] * len(curve), "signed_mean": nan, "n_matched": 0, "optimal": True, "gap_bound": 0.0}
-    out = {"hungarian_mean": float(c.mean()), "hungarian_median": float(np.median(c))}
+    out: dict = {"hungarian_mean": float(c.mean()), "hungarian_median": float(np.median(c))}
     out.update({f"frac_ge_{t}": float((c >= t).mean()) for t in thresholds})
     out["curve"] = [float((c >= t).mean()) for t in curve]
     out.update(signed_mean=float(np.mean(m.cos)), n_matched=int(c.size), optimal=bool(m.optimal),

@@ -104,6 +104,24 @@ def stability_report(decoders, encoders=None, *, alive=None, latents=None, true_
     - ``all_optimal`` (bool), ``max_gap_bound``: whether every matching was proven optimal.
     - ``n_seeds``, ``n_latents``, ``d_in``, ``n_random``.
     """
+    dec, enc, live, latents, truth, seeds = _checked_inputs(decoders, encoders, alive, latents, true_dictionary, seeds)
+    opts = dict(top_k=top_k, method=method, dense_max=dense_max)
+    pairs_fn = partial(all_pairs, mesh=mesh)
+    res, live_res = _pair_results(dec, enc, live, latents, shared_threshold, pair_block, opts, n_examples, pairs_fn)
+    summary, matrices = _matched_summary(res, n_boot, level, key)
+    for part, mats in (_encoder_summary(enc, res, pair_block), _live_summary(live, live_res, enc is not None, n_boot, level, key),
+                       _input_summary(res, latents, dec, truth, activations, opts)):
+        summary.update(part)
+        matrices.update(mats)
+    summary.update(_random_control(dec, matrices["pwmcc"], random_control, n_random, n_perm, key, opts, pair_block, pairs_fn))
+    summary.update(_closing_summary(summary, res, dec.shape))
+    pairs, examples = _labelled(res, live_res, seeds)
+    config = dict(opts, shared_threshold=shared_threshold, n_boot=n_boot, n_perm=n_perm, level=level, thresholds=list(THRESHOLDS))
+    return StabilityReport(seeds, summary, matrices, pairs, _curve(res, live_res), examples, config, res["matched"])
+
+
+def _checked_inputs(decoders, encoders, alive, latents, true_dictionary, seeds) -> tuple:
+    """Validated :func:`stability_report` inputs: ``(dec, enc, live, latents, truth, seeds)``."""
     dec = check_stack(decoders, "decoders")
     s, n, d = dec.shape
     check(s >= 2, f"a multi-seed report needs at least 2 seeds, got {s}")
@@ -120,67 +138,99 @@ def stability_report(decoders, encoders=None, *, alive=None, latents=None, true_
     check(truth is None or truth.shape[1] == d, f"true_dictionary has d_in={truth.shape[1] if truth is not None else 0}, expected {d}")
     seeds = list(range(s)) if seeds is None else list(seeds)
     check(len(seeds) == s, f"seeds has {len(seeds)} labels for {s} seeds")
-    opts = dict(top_k=top_k, method=method, dense_max=dense_max)
+    return dec, enc, live, latents, truth, seeds
 
-    pairs_fn = partial(all_pairs, mesh=mesh)
+
+def _pair_results(dec, enc, live, latents, shared_threshold, pair_block, opts, n_examples, pairs_fn) -> tuple[dict, dict | None]:
+    """:func:`_pairs` on all latents, and (given ``live``) on the latents alive in both SAEs of each pair."""
     res = _pairs(dec, enc, None, latents, shared_threshold, pair_block, opts, n_examples, pairs_fn)
     live_res = _pairs(dec, enc, live, None, shared_threshold, pair_block, opts, 0, pairs_fn) if live is not None else None
+    return res, live_res
 
-    summary, matrices = {}, {}
+
+def _matched_summary(res: dict, n_boot: int, level: float, key) -> tuple[dict, dict]:
+    """``(summary, matrices)`` of the decoder pairs: the mean over pairs of every :data:`MATRIX_KEYS`
+    value, the median matched |cos| over all matched latents, and seed-bootstrap CIs."""
+    summary: dict = {}
+    matrices: dict = {}
     for name in MATRIX_KEYS:
         matrices[name] = res["matrix"][name]
         summary[name] = float(np.mean(res["values"][name]))
     summary["hungarian_median"] = float(np.median(np.concatenate(res["matched"])))
     for name in ("pwmcc", "hungarian_mean", *(f"frac_ge_{t}" for t in THRESHOLDS)):
         _, summary[f"{name}_ci_low"], summary[f"{name}_ci_high"] = bootstrap_ci(matrices[name], n_boot=n_boot, level=level, key=key)
+    return summary, matrices
 
-    summary["pwmcc_encoder"] = None
-    summary["shared_fraction"] = None
-    if enc is not None:
-        matrices["pwmcc_encoder"] = _pwmcc_matrix(enc, None, pair_block)
-        summary["pwmcc_encoder"] = float(np.mean(matrices["pwmcc_encoder"][np.triu_indices(s, 1)]))
-        matrices["shared_fraction"] = res["matrix"]["shared_fraction"]
-        summary["shared_fraction"] = float(np.mean(res["values"]["shared_fraction"]))
 
-    live_keys = ("pwmcc", "hungarian_mean", "hungarian_median", *(f"frac_ge_{t}" for t in THRESHOLDS), "shared_fraction")
-    for name in live_keys:
-        summary[f"live_{name}"] = None
+def _encoder_summary(enc, res: dict, pair_block: int) -> tuple[dict, dict]:
+    """``pwmcc_encoder`` and ``shared_fraction`` (None without encoders), and their matrices."""
+    if enc is None:
+        return {"pwmcc_encoder": None, "shared_fraction": None}, {}
+    pwmcc_encoder = _pwmcc_matrix(enc, None, pair_block)
+    summary = {"pwmcc_encoder": float(np.mean(pwmcc_encoder[np.triu_indices(enc.shape[0], 1)])),
+               "shared_fraction": float(np.mean(res["values"]["shared_fraction"]))}
+    return summary, {"pwmcc_encoder": pwmcc_encoder, "shared_fraction": res["matrix"]["shared_fraction"]}
+
+
+_LIVE_KEYS = ("pwmcc", "hungarian_mean", "hungarian_median", *(f"frac_ge_{t}" for t in THRESHOLDS), "shared_fraction")
+"""Summary values recomputed on the latents alive in both SAEs of a pair (as ``live_<name>``)."""
+
+
+def _live_summary(live, live_res: dict | None, has_encoders: bool, n_boot: int, level: float, key) -> tuple[dict, dict]:
+    """The ``live_*`` values (+ the ``live_pwmcc`` CI) and ``alive_fraction``, None without ``alive``;
+    ``live_shared_fraction`` needs encoders too."""
+    summary: dict[str, float | None] = {f"live_{name}": None for name in _LIVE_KEYS}
     summary["live_pwmcc_ci_low"] = summary["live_pwmcc_ci_high"] = summary["alive_fraction"] = None
-    if live_res is not None:
-        for name in live_keys[:-1] + (("shared_fraction",) if enc is not None else ()):
-            matrices[f"live_{name}"] = live_res["matrix"][name]
-            summary[f"live_{name}"] = _nanmean(live_res["values"][name])
-        matched = np.concatenate(live_res["matched"]) if live_res["matched"] else np.zeros(0)
-        summary["live_hungarian_median"] = float(np.median(matched)) if matched.size else None
-        if np.isfinite(live_res["values"]["pwmcc"]).all():
-            _, summary["live_pwmcc_ci_low"], summary["live_pwmcc_ci_high"] = bootstrap_ci(
-                matrices["live_pwmcc"], n_boot=n_boot, level=level, key=key)
-        summary["alive_fraction"] = float(live.mean())
+    matrices: dict = {}
+    if live is None or live_res is None:
+        return summary, matrices
+    for name in _LIVE_KEYS[:-1] + (("shared_fraction",) if has_encoders else ()):
+        matrices[f"live_{name}"] = live_res["matrix"][name]
+        summary[f"live_{name}"] = _nanmean(live_res["values"][name])
+    matched = np.concatenate(live_res["matched"]) if live_res["matched"] else np.zeros(0)
+    summary["live_hungarian_median"] = float(np.median(matched)) if matched.size else None
+    if np.isfinite(live_res["values"]["pwmcc"]).all():
+        _, summary["live_pwmcc_ci_low"], summary["live_pwmcc_ci_high"] = bootstrap_ci(
+            matrices["live_pwmcc"], n_boot=n_boot, level=level, key=key)
+    summary["alive_fraction"] = float(live.mean())
+    return summary, matrices
 
-    summary["activation_corr"] = _nanmean(res["values"]["activation_corr"]) if latents is not None else None
-    if latents is not None:
-        matrices["activation_corr"] = res["matrix"]["activation_corr"]
 
+def _input_summary(res: dict, latents, dec, truth, activations, opts: dict) -> tuple[dict, dict]:
+    """The values that need an optional input, None without it: ``activation_corr`` (``latents``,
+    with its matrix), ``gt_mcc``/``gt_mmcs`` (``truth``) and the effective rank (``activations``)."""
+    summary: dict = {"activation_corr": _nanmean(res["values"]["activation_corr"]) if latents is not None else None}
+    matrices = {"activation_corr": res["matrix"]["activation_corr"]} if latents is not None else {}
     summary["gt_mcc"] = summary["gt_mmcs"] = None
     if truth is not None:
-        per_seed = [gt_mcc(dec[i], truth, top_k=top_k, method=method, dense_max=dense_max) for i in range(s)]
+        per_seed = [gt_mcc(dec[i], truth, **opts) for i in range(dec.shape[0])]
         summary["gt_mcc"] = float(np.mean([g["gt_mcc"] for g in per_seed]))
         summary["gt_mmcs"] = float(np.mean([g["mmcs"] for g in per_seed]))
-
     summary["effective_rank_pr"] = summary["effective_rank_entropy"] = None
     if activations is not None:
         er = effective_rank(activations)
         summary["effective_rank_pr"], summary["effective_rank_entropy"] = er["participation_ratio"], er["entropy_rank"]
+    return summary, matrices
 
-    summary.update(_random_control(dec, matrices["pwmcc"], random_control, n_random, n_perm, key, opts, pair_block, pairs_fn))
-    summary["pwmcc_ratio"] = summary["pwmcc"] / summary["random_pwmcc"]
-    summary["all_optimal"] = bool(all(p["optimal"] for p in res["pairs"]))
-    summary["max_gap_bound"] = float(max(p["gap_bound"] for p in res["pairs"]))
-    summary.update(n_seeds=s, n_latents=n, d_in=d)
 
+def _closing_summary(summary: dict, res: dict, shape: tuple[int, int, int]) -> dict:
+    """``pwmcc_ratio`` (needs the control's ``random_pwmcc``), the matchings' optimality and the sizes."""
+    s, n, d = shape
+    return {"pwmcc_ratio": summary["pwmcc"] / summary["random_pwmcc"],
+            "all_optimal": bool(all(p["optimal"] for p in res["pairs"])),
+            "max_gap_bound": float(max(p["gap_bound"] for p in res["pairs"])), "n_seeds": s, "n_latents": n, "d_in": d}
+
+
+def _curve(res: dict, live_res: dict | None) -> dict:
+    """The fraction of matched latents at or above each |cos| of :data:`CURVE`, averaged over pairs."""
     curve = {"thresholds": CURVE.tolist(), "fraction": np.mean(res["curves"], axis=0).tolist()}
     if live_res is not None:
         curve["live_fraction"] = np.nanmean(live_res["curves"], axis=0).tolist()
+    return curve
+
+
+def _labelled(res: dict, live_res: dict | None, seeds: list) -> tuple[list, dict]:
+    """The per-pair dicts (with their ``live_*`` values) and the examples, seed indices replaced by ``seeds``."""
     pairs = res["pairs"]
     if live_res is not None:
         for p, lp in zip(pairs, live_res["pairs"]):
@@ -189,9 +239,7 @@ def stability_report(decoders, encoders=None, *, alive=None, latents=None, true_
         p["seed_a"], p["seed_b"] = seeds[p["seed_a"]], seeds[p["seed_b"]]
     examples = {k: [{**e, "seed_a": seeds[e["seed_a"]], "seed_b": seeds[e["seed_b"]]} for e in v]
                 for k, v in res["examples"].items()}
-    config = dict(top_k=top_k, method=method, dense_max=dense_max, shared_threshold=shared_threshold,
-                  n_boot=n_boot, n_perm=n_perm, level=level, thresholds=list(THRESHOLDS))
-    return StabilityReport(seeds, summary, matrices, pairs, curve, examples, config, res["matched"])
+    return pairs, examples
 
 
 def _nanmean(x) -> float | None:
