@@ -43,14 +43,7 @@ def main(argv=None) -> int:
     if cmd == "run":
         from saejax.run import main as run_main
 
-        code = run_main(rest, prog="saejax run")
-        if code == 130:  # as python -m saejax.run: no interpreter teardown under live XLA/Orbax threads
-            import os
-
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-        return code
+        return run_main(rest, prog="saejax run")
     if cmd == "compare":
         from saejax.compare import main as compare_main
 
@@ -61,5 +54,12 @@ def main(argv=None) -> int:
     return 2
 
 
+def entry() -> None:
+    """The console script: exits as ``python -m saejax.run`` does (an interrupted run skips teardown)."""
+    from saejax.run import exit_with
+
+    exit_with(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -28,16 +28,15 @@ class RunClock:
     units: tuple
     t0: float = field(default_factory=time.perf_counter)
     stages: list = field(default_factory=list)
+    measured: list = field(default_factory=list)  # (work, seconds) of each unit trained so far
 
     def stage(self, name: str, seconds: float) -> None:
         self.stages.append((name, seconds))
 
-    measured: list = field(default_factory=list)  # (work, seconds) of each unit trained so far
-
     def seconds_for(self, w: float) -> float:
-        """Predicted seconds of a unit of work ``w``: ``a + b w`` fitted (least squares, both
-        non-negative) to the units trained so far, so a unit's fixed cost (compilation, analyses)
-        is not scaled by its size; with one unit, or one size, proportional to it."""
+        """Predicted seconds of a unit of work ``w``: ``a + b w`` fitted by least squares to the
+        units trained so far, so a unit's fixed cost (compilation, analyses) is not scaled by its
+        size; proportional to work with one size only, or where the fit gives a negative term."""
         ws = np.array([m[0] for m in self.measured])
         ts = np.array([m[1] for m in self.measured])
         if len(set(ws.tolist())) >= 2:

@@ -169,10 +169,15 @@ def _train_all(args, exp, plan, store, cache_dir) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    code = main()
-    if code == 130:  # interrupted mid-computation: skip interpreter teardown under live XLA/Orbax threads
+def exit_with(code: int):
+    """Exit with ``code``; an interrupted run (130) skips interpreter teardown, which can hang
+    under live XLA/Orbax threads mid-computation."""
+    if code == 130:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+if __name__ == "__main__":
+    exit_with(main())

@@ -1,16 +1,11 @@
 """Progress as a person sees it: the pacing of compiled calls never changes results, a bar in a
 terminal moves and shows an ETA, plain lines (no carriage returns) anywhere else."""
 
-import fcntl
 import io
 import os
-import pty
 import re
-import select
-import struct
 import subprocess
 import sys
-import termios
 import time
 from pathlib import Path
 
@@ -20,6 +15,9 @@ import pytest
 
 from saejax import SAEConfig, SyntheticSource, TrainConfig, progress
 from saejax import train as train_mod
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_progress  # noqa: E402  (its pseudo-terminal runner)
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = SyntheticSource(d=16, n_features=40, s=3, n_heldout=256)
@@ -76,30 +74,10 @@ def test_plain_lines_outside_a_terminal():
     assert off.getvalue() == ""
 
 
-def _run_in_terminal(args, timeout=300) -> tuple[int, str]:
-    """Run a command with a pseudo-terminal as its stdout/stderr (as in a real terminal) and return
-    its exit status and everything it drew, carriage returns included."""
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 40 rows x 120 columns
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TERM": "xterm"}
-    p = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, env=env, start_new_session=True)
-    os.close(slave)
-    chunks, t0 = [], time.time()
-    while time.time() - t0 < timeout:
-        r, _, _ = select.select([master], [], [], 0.5)
-        if r:
-            try:
-                data = os.read(master, 65536)
-            except OSError:
-                break
-            if not data:
-                break
-            chunks.append(data)
-        elif p.poll() is not None:
-            break
-    p.wait(timeout=30)
-    os.close(master)
-    return p.returncode, b"".join(chunks).decode("utf-8", "replace")
+def _run_in_terminal(args) -> tuple[int, str]:
+    """Exit status and everything drawn on a pseudo-terminal (carriage returns included)."""
+    code, events = bench_progress.run_in_terminal(args)
+    return code, b"".join(d for _, d in events).decode("utf-8", "replace")
 
 
 @pytest.mark.slow
