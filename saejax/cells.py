@@ -19,7 +19,7 @@ import numpy as np
 from saejax import archs, sae, stability
 from saejax.checkpoint import Checkpointer
 from saejax.data import Source
-from saejax.errors import ConfigError
+from saejax.errors import ConfigError, stop_if_requested
 from saejax.experiment import Cell, Experiment, Unit
 from saejax.plan import unit_key
 from saejax.progress import bar as progress_bar
@@ -158,6 +158,7 @@ def run_unit(exp: Experiment, unit: Unit, source, store: RunStore, *, progress: 
                             "status": "ok" if not failed else f"{len(failed)} of {len(exp.seeds)} seeds failed"})
             store.write_cell(cell.id, "cell", records[-1])
         busy.update(1)
+        stop_if_requested()
     busy.close()
     for r in records:  # after the bar is gone, so lines and bar never share a row
         log(headline(r))

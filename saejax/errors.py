@@ -1,5 +1,7 @@
 """One error type for bad input, so every entry point can print it as a single line."""
 
+import threading
+
 
 class ConfigError(ValueError):
     """Bad user input: the message names the bad value and what was expected.
@@ -15,3 +17,14 @@ def check(cond: object, message: str) -> None:
     """
     if not cond:
         raise ConfigError(message)
+
+
+STOP = threading.Event()
+"""Set by the runner's SIGINT/SIGTERM handler. The KeyboardInterrupt it raises can be swallowed
+when the signal lands inside a finaliser (Python prints "Exception ignored" and goes on), so the
+trainer and the cell loop also check this between chunks and cells and stop there."""
+
+
+def stop_if_requested() -> None:
+    if STOP.is_set():
+        raise KeyboardInterrupt

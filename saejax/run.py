@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from saejax.errors import ConfigError, check
+from saejax.errors import STOP, ConfigError, check
 
 
 def parse_args(argv, prog: str = "python -m saejax.run"):
@@ -63,13 +63,16 @@ def print_plan(plan, store) -> None:
 
 
 def _terminate(signum, frame):
+    STOP.set()  # checked between chunks and cells, in case the exception below is swallowed
     raise KeyboardInterrupt  # SIGTERM (a scheduler's preemption) stops like Ctrl-C: checkpoint kept
 
 
 def main(argv=None, prog: str = "python -m saejax.run") -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv, prog)
+    STOP.clear()
+    handlers = {}
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
+        handlers = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         return _main(args)
     except ConfigError as e:
@@ -86,6 +89,9 @@ def main(argv=None, prog: str = "python -m saejax.run") -> int:
         print("\ninterrupted: finished cells and the last checkpoint are kept; run the same command to resume",
               file=sys.stderr)
         return 130
+    finally:  # an in-process caller (a notebook, a test) gets its own handlers back
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
 
 
 def _main(args) -> int:

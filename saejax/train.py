@@ -23,7 +23,7 @@ import numpy as np
 from saejax import archs, precision, sae, sharding
 from saejax.config import SAEConfig, TrainConfig, check_seeds, closest
 from saejax.data import Source
-from saejax.errors import ConfigError, check
+from saejax.errors import ConfigError, check, stop_if_requested
 from saejax.memory import auto_group_size, member_bytes, memory_budget  # noqa: F401  (re-exported)
 from saejax.progress import bar as progress_bar
 from saejax.step import (  # noqa: F401
@@ -250,6 +250,7 @@ def _train_group(sae_cfg, tc, source, members, points, total, scale, b_dec, prog
             last_ckpt = done
         bar.set_postfix(loss=f"{np.nanmean(m['loss'][:, real][:, -1]):.4g}", l0=f"{np.nanmean(m['l0'][:, real][:, -1]):.1f}")
         bar.update(n_steps)
+        stop_if_requested()
     bar.close()
     return to_host(state), history, log_steps
 

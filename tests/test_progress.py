@@ -118,3 +118,26 @@ def test_run_eta_separates_fixed_cost_from_work():
     clock.unit_done(units[1], 0.0, False)  # a unit found done is not a measurement
     left = sum(cost(u) for u in units[2:])
     assert clock.eta(units[2:]) == f"ETA {progress._fmt(left)}"
+
+
+def test_a_swallowed_interrupt_still_stops_at_the_next_chunk(tmp_path):
+    """SIGINT inside a finaliser is swallowed by Python; the runner's handler also sets a flag that
+    the trainer checks after every chunk, and main() gives the caller its handlers back."""
+    import signal
+
+    from saejax import errors
+    from saejax.run import main
+
+    calls = []
+    tc = TrainConfig(batch_size=32, steps=100, log_every=10, chunk_steps=20)
+    errors.STOP.set()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_mod.train(SAEConfig(d_in=16, d_sae=32, k=3), tc, SRC, [0], progress=False,
+                            stops=(20, 40), on_stop=lambda g, step, st: calls.append(step))
+    finally:
+        errors.STOP.clear()
+    assert calls == [20]  # stopped after the first chunk, not at the end
+    before = signal.getsignal(signal.SIGINT)
+    assert main([str(ROOT / "experiments" / "smoke.py"), "--dry-run", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert signal.getsignal(signal.SIGINT) is before
