@@ -17,10 +17,17 @@ median seconds per training step (all S seeds) of:
 Variants are timed interleaved, round by round, so that a machine shared with other work slows
 them alike. Each variant's step is reported as seed-tokens/s and as a multiple of ``limit``.
 Optionally (``aux`` rows) the sparse ensemble with AuxK active (dead latents present; while none
-is dead saejax skips AuxK, as PyTorch does here). One end-to-end ``train()`` figure shows what
-the host data pipeline costs on top of the compiled program.
+is dead saejax skips AuxK, as PyTorch does here; half the latents dead, more than ``n_aux``, so
+the per-token AuxK runs). One end-to-end ``train()`` figure shows what the host data pipeline
+costs on top of the compiled program.
+
+``--auxk``: the sparse step at (128, 1024, 32) S=16 and (768, 4096, 32) S=8 with no dead latent,
+and with ``n_aux`` dead latents through the per-token AuxK (``saejax.step.SHARED_AUXK`` off) and
+through the shared dead set (the default; see ``saejax.sae.DeadSet``), side by side; the target
+is AuxK active <= 1.5x the step without dead latents.
 
     python benchmarks/bench_train.py --quick   # < 3 minutes on a 2-core CPU
+    python benchmarks/bench_train.py --auxk    # < 4 minutes on a 2-core CPU
     python benchmarks/bench_train.py           # the table in benchmarks/README.md (~15 min on 2 cores)
 
 Writes ``benchmarks/results/train.json`` (``train_quick.json`` with ``--quick``) with the machine,
@@ -36,6 +43,7 @@ import platform
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -52,6 +60,7 @@ import torch  # noqa: E402
 import torch_reference  # noqa: E402
 
 from saejax import ArraySource, SAEConfig, TrainConfig  # noqa: E402
+from saejax import step as step_mod  # noqa: E402
 from saejax import train as train_mod  # noqa: E402
 
 BATCH = 4096
@@ -65,6 +74,7 @@ FULL = {
 }
 QUICK = {"small": ((1, 16), (1,), 2, 3, 16)}
 E2E = {"full": ("small", 16, 12), "quick": ("small", 16, 6)}  # shape, S, steps of the train() run
+AUXK = {"small": (16, 1, 3), "medium": (8, 1, 1)}  # --auxk: shape -> (S, steps per call, timed rounds after a warm one)
 
 
 def machine() -> dict:
@@ -100,22 +110,42 @@ def data(d_in: int, steps: int) -> np.ndarray:
     return (x / np.sqrt(d_in)).astype(np.float32)  # unit mean squared norm, as after saejax's input normalisation
 
 
-def ensemble(shape, n_seeds: int, kernel: str, steps: int, *, aux_active: bool = False):
-    """A closure running ``steps`` training steps of ``n_seeds`` SAEs through the chunk program."""
+@contextmanager
+def per_token_auxk():
+    """Programs traced inside take the per-token AuxK even while at most ``n_aux`` latents are dead."""
+    step_mod.SHARED_AUXK = False
+    try:
+        yield
+    finally:
+        step_mod.SHARED_AUXK = True
+
+
+def ensemble(shape, n_seeds: int, kernel: str, steps: int, *, aux_active: bool = False, n_dead: int | None = None,
+             per_token: bool = False):
+    """A closure running ``steps`` training steps of ``n_seeds`` SAEs through the chunk program.
+
+    ``aux_active``: half the latents dead; ``n_dead``: that many. Dead latents stay dead (a bias that
+    keeps them out of the top k). ``per_token``: compiled with ``saejax.step.SHARED_AUXK`` off.
+    """
     d, n, k = shape
     cfg = SAEConfig(d_in=d, d_sae=n, k=k, kernel=kernel)
     tc = TrainConfig(batch_size=BATCH, steps=10**6, log_every=steps, chunk_steps=steps)
-    program = train_mod.chunk_program(cfg, train_mod.program_key(tc), True)
     total = jnp.int32(10**6)
     keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(0), s) for s in range(n_seeds)])
     state = jax.jit(jax.vmap(partial(train_mod.init_state, cfg, tc), in_axes=(0, None)))(keys, jnp.zeros(d))
-    if aux_active:  # half the latents are dead and stay dead (a bias that keeps them out of the top k)
-        half = jnp.arange(n) % 2 == 1
-        params = {**state.params, "b_enc": jnp.where(half, -1e3, state.params["b_enc"])}
-        state = state.replace(params=params, since_fired=jnp.where(half, cfg.dead_tokens, state.since_fired))
+    if aux_active or n_dead:
+        dead = np.arange(n) % 2 == 1 if aux_active else np.isin(np.arange(n), np.linspace(0, n - 1, n_dead).round())
+        params = {**state.params, "b_enc": jnp.where(dead, -1e3, state.params["b_enc"])}
+        state = state.replace(params=params, since_fired=jnp.where(dead, cfg.dead_tokens, state.since_fired))
     hp = {name: jnp.full(n_seeds, v, jnp.float32) for name, v in
           {"lr": tc.lr, "l1_coef": 0.0, "l0_coef": 0.0, "aux_coef": cfg.aux_coef}.items()}
     xs, act, scale = jnp.asarray(data(d, steps)), jnp.ones(steps, bool), jnp.float32(1.0)
+    if per_token:  # its own program (the cached one may have the shared path), traced under the switch
+        with per_token_auxk():
+            program = step_mod.chunk_program.__wrapped__(cfg, train_mod.program_key(tc), True).lower(
+                state, xs, act, hp, scale, total).compile()
+    else:
+        program = train_mod.chunk_program(cfg, train_mod.program_key(tc), True)
     box = [state, None]
 
     def run():
@@ -167,12 +197,10 @@ def warm(run_steps, *, again_below: float = 2.0) -> None:
 
 
 # ----------------------------------------------------------------------------- the table
-def bench_shape(name: str, plan, log, *, auxk_only: bool = False) -> list[dict]:
+def bench_shape(name: str, plan, log) -> list[dict]:
     shape = SHAPES[name]
     seeds, dense_seeds, steps, rounds, aux_s = plan
-    if auxk_only:
-        seeds, dense_seeds = (aux_s,), ()
-    per_seed = {} if auxk_only else {"looped": ensemble(shape, 1, "sparse", steps), "torch": torch_seed(shape)}
+    per_seed = {"looped": ensemble(shape, 1, "sparse", steps), "torch": torch_seed(shape)}
     for v in per_seed.values():
         warm(v)
     rows = []
@@ -208,6 +236,48 @@ def bench_shape(name: str, plan, log, *, auxk_only: bool = False) -> list[dict]:
         log(row)
         del variants
     return rows
+
+
+def bench_auxk(name: str, n_seeds: int, steps: int, rounds: int, log) -> dict:
+    """The sparse step with no dead latent, and with ``n_aux`` dead through the per-token and the
+    shared-dead-set AuxK, timed interleaved after one untimed call each."""
+    shape = SHAPES[name]
+    n_aux = SAEConfig(d_in=shape[0], d_sae=shape[1], k=shape[2]).n_aux
+    t0 = time.perf_counter()
+    compile_s = {}
+    variants = {}
+    for k, kw in {"no_dead": {}, "auxk_per_token": {"n_dead": n_aux, "per_token": True},
+                  "auxk_shared": {"n_dead": n_aux}}.items():
+        t = time.perf_counter()
+        variants[k] = ensemble(shape, n_seeds, "sparse", steps, **kw)
+        warm(variants[k], again_below=0.0)  # compiles (no_dead and auxk_shared share a program), one untimed call
+        compile_s[k] = time.perf_counter() - t
+    times = {k: [] for k in variants}
+    for _ in range(rounds):
+        for k, v in variants.items():
+            times[k].append(timed(v))
+    for k in ("auxk_per_token", "auxk_shared"):  # AuxK really ran in the timed steps
+        assert np.all(variants[k][0].metrics()["aux"] > 0), k
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    row = {"shape": name, "d_in": shape[0], "d_sae": shape[1], "k": shape[2], "S": n_seeds, "n_aux": n_aux,
+           "n_dead": n_aux, "batch": BATCH, "rounds": rounds, "steps_per_call": steps, "step_s": med,
+           "x_no_dead": {k: v / med["no_dead"] for k, v in med.items()}, "raw_s": times, "warmup_s": compile_s,
+           "wall_s": time.perf_counter() - t0}
+    log(row)
+    return row
+
+
+def auxk_table(rows: list[dict]) -> str:
+    head = ("| shape (d_in, d_sae, k) | S | n_aux = n_dead | no dead latent | AuxK per-token (old) "
+            "| AuxK shared dead set (new) | old / no dead | new / no dead | old / new |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        t, x = r["step_s"], r["x_no_dead"]
+        lines.append(f"| ({r['d_in']}, {r['d_sae']}, {r['k']}) | {r['S']} | {r['n_aux']} "
+                     f"| {t['no_dead']:.3g} s | {t['auxk_per_token']:.3g} s | {t['auxk_shared']:.3g} s "
+                     f"| {x['auxk_per_token']:.2f}x | {x['auxk_shared']:.2f}x "
+                     f"| {t['auxk_per_token'] / t['auxk_shared']:.2f}x |")
+    return "\n".join(lines)
 
 
 def end_to_end(name: str, n_seeds: int, steps: int) -> dict:
@@ -261,12 +331,10 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="two shapes, few seed counts (< 3 minutes on CPU)")
     p.add_argument("--shapes", nargs="*", choices=list(SHAPES), help="only these shapes")
     p.add_argument("--auxk", action="store_true",
-                   help="only the AuxK-active cells (limit, sparse, sparse with dead latents)")
+                   help="only AuxK: no dead latent vs n_aux dead, per-token vs shared dead set (< 4 minutes on CPU)")
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/train[_quick|_auxk].json)")
     a = p.parse_args(argv)
-    plan = QUICK if a.quick else FULL
-    if a.auxk:
-        plan = {k: v for k, v in plan.items() if v[4] is not None}
+    plan = AUXK if a.auxk else QUICK if a.quick else FULL
     if a.shapes:
         plan = {k: v for k, v in plan.items() if k in a.shapes}
     out = a.out or HERE / "results" / ("train_quick.json" if a.quick else "train_auxk.json" if a.auxk else "train.json")
@@ -280,17 +348,15 @@ def main(argv=None) -> None:
               + f"  ({r['wall_s']:.0f} s, warm-up " + " ".join(f"{k} {v:.0f}s" for k, v in r["warmup_s"].items()) + ")",
               flush=True)
 
-    rows = [row for name, pl in plan.items() for row in bench_shape(name, pl, log, auxk_only=a.auxk)]
+    if a.auxk:
+        return auxk_main(plan, out, info, t0)
+    rows = [row for name, pl in plan.items() for row in bench_shape(name, pl, log)]
     e2e_plan = E2E["quick" if a.quick else "full"]
     e2e = end_to_end(*e2e_plan) if e2e_plan[0] in plan and not a.auxk else None
     if e2e:
         same = next((r for r in rows if (r["shape"], r["S"]) == (e2e["shape"], e2e["S"])), None)
         e2e["program_seed_tokens_per_s"] = same["seed_tokens_per_s"]["sparse"] if same else None
-    result = {"machine": info, "batch": BATCH, "quick": a.quick, "rows": rows, "end_to_end": e2e,
-              "load_average": os.getloadavg(), "wall_s": time.perf_counter() - t0,
-              "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    _save(out, t0, {"machine": info, "batch": BATCH, "quick": a.quick, "rows": rows, "end_to_end": e2e})
     print()
     print(table(rows))
     if e2e:
@@ -301,6 +367,32 @@ def main(argv=None) -> None:
     for line in targets(rows):
         print(line)
     print(f"\n{time.perf_counter() - t0:.0f} s in all; JSON in {out.relative_to(HERE.parent) if out.is_relative_to(HERE.parent) else out}")
+
+
+def _save(out: Path, t0: float, result: dict) -> None:
+    result.update(load_average=os.getloadavg(), wall_s=time.perf_counter() - t0, date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+
+
+def auxk_main(plan: dict, out: Path, info: dict, t0: float) -> None:
+    load0 = os.getloadavg()
+
+    def log(r):
+        print(f"  {r['shape']:6s} S={r['S']:<3d} " + "  ".join(f"{k} {v:.3g}s" for k, v in r["step_s"].items())
+              + f"  ({r['wall_s']:.0f} s, warm-up " + " ".join(f"{k} {v:.0f}s" for k, v in r["warmup_s"].items()) + ")",
+              flush=True)
+
+    rows = [bench_auxk(name, *pl, log) for name, pl in plan.items()]
+    _save(out, t0, {"machine": info, "batch": BATCH, "auxk": True, "rows": rows, "load_average_before": load0})
+    print()
+    print(auxk_table(rows))
+    for r in rows:
+        x = r["x_no_dead"]["auxk_shared"]
+        print(f"({r['d_in']}, {r['d_sae']}, {r['k']}), S={r['S']}: AuxK active {x:.2f}x the step without dead latents "
+              f"(target <= 1.5): {'met' if x <= 1.5 else 'NOT met'}")
+    print(f"\nload average {load0[0]:.2f} before, {os.getloadavg()[0]:.2f} after; {time.perf_counter() - t0:.0f} s in all; "
+          f"JSON in {out.relative_to(HERE.parent) if out.is_relative_to(HERE.parent) else out}")
 
 
 if __name__ == "__main__":

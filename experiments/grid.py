@@ -6,7 +6,8 @@ TopK (k = 32) and ReLU (L1 = 1e-3) SAEs, d_sae in {64, 128, 256, 1024}, 5 seeds 
 789, 1011), Adam lr 3e-4, 20 and 50 epochs (20 is an exact snapshot of the 50-epoch run), with
 decoder PWMCC, random baselines and their ratio, Hungarian matching, and PWMCC at epoch 0 / 20 / 50
 (the study's training-dynamics table, in history.json and figures/dynamics.png), and per seed the
-spliced-reconstruction loss recovered and linear probes of the answer (raw vs SAE latents). The study found
+spliced-reconstruction loss recovered and linear probes of the answer (raw vs SAE latents),
+and contrasts: TopK vs ReLU, 50 vs 20 epochs, 128 vs 1024 latents. The study found
 trained PWMCC ~0.30 at 20 epochs (= random) and ~0.36 at 50; the matched-regime follow-up found
 d_sae near the effective rank (~64-128) clearly above random. The transformer is trained by
 saejax on first use and cached.
@@ -14,6 +15,7 @@ Runtime: 7 min 35 s on an otherwise idle 2-core x86-64 CPU from an empty cache (
 modular model included); 14 min while a test suite shared the cores.
 """
 
+from saejax.contrasts import Contrast
 from saejax.experiment import Experiment, Modular
 
 
@@ -30,4 +32,5 @@ def get_config():
         train={"batch_size": 512, "lr": 3e-4},
         dynamics=6,
         analyses=("stability", "splice", "probe"),
+        contrasts=(Contrast("arch", "topk", "relu"), Contrast("epochs", 50.0, 20.0), Contrast("d_sae", 128, 1024)),
     )

@@ -202,10 +202,16 @@ def _batchtopk_infer(cfg, params, pre, threshold):
     return jnp.where(pre > threshold, pre, 0.0) * (pre > 0)
 
 
+def l1_weights(cfg, params) -> jax.Array:
+    """Per-latent weights of an L1 term: decoder row norms, or ones (``SAEConfig.l1_decoder_norm``)."""
+    if cfg.l1_decoder_norm:
+        return jnp.linalg.norm(params["W_dec"], axis=1)
+    return jnp.ones(cfg.d_sae, params["W_dec"].dtype)
+
+
 def _relu_train(cfg, params, pre, hp, ramp):
     z = jax.nn.relu(pre)
-    norms = jnp.linalg.norm(params["W_dec"], axis=1)
-    return z, ramp * hp["l1_coef"] * jnp.mean(z @ norms), _zero(pre)
+    return z, ramp * hp["l1_coef"] * jnp.mean(z @ l1_weights(cfg, params)), _zero(pre)
 
 
 def _relu_infer(cfg, params, pre, threshold):

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saejax.archs import Arch, _batchtopk_export, _batchtopk_infer, _jump_load, batchtopk_latents, register
+from saejax.archs import Arch, _batchtopk_export, _batchtopk_infer, _jump_load, batchtopk_latents, l1_weights, register
 
 
 # ----------------------------------------------------------------------------- matryoshka
@@ -102,8 +102,7 @@ def _gated_step(cfg, params, x, hp, dead, ramp):
     pre = sae.pre_acts(params, x)
     z = gated_latents(params, pre)
     gate = jax.nn.relu(pre)
-    norms = jnp.linalg.norm(params["W_dec"], axis=1)
-    l1 = ramp * hp["l1_coef"] * jnp.mean(gate @ norms)
+    l1 = ramp * hp["l1_coef"] * jnp.mean(gate @ l1_weights(cfg, params))
     via_gate = gate @ jax.lax.stop_gradient(params["W_dec"]) + jax.lax.stop_gradient(params["b_dec"])
     aux = jnp.mean(jnp.sum((x - via_gate) ** 2, axis=1))
     zero = jnp.zeros((), x.dtype)

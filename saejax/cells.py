@@ -16,12 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saejax import archs, sae, stability
+from saejax import sae, stability
 from saejax.checkpoint import Checkpointer
 from saejax.data import Source
 from saejax.errors import ConfigError, stop_if_requested
 from saejax.experiment import Cell, Experiment, Unit
-from saejax.plan import unit_key
+from saejax.plan import cell_config, unit_key
 from saejax.progress import bar as progress_bar
 from saejax.stability.kernel import pair_mesh
 from saejax.stability.metrics import pwmcc_from_stats
@@ -121,12 +121,25 @@ def random_control(cfg, seeds, d_in: int, root_seed: int) -> dict:
     """Untrained, randomly initialised SAEs of the same shape (the empirical chance level)."""
     keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(root_seed + 1_000_003), s) for s in seeds])
     params = jax.vmap(lambda k: sae.init(cfg, k, jnp.zeros(d_in, jnp.float32)))(keys)
-    return {"decoders": np.asarray(params["W_dec"]), "encoders": np.asarray(params["W_enc"]).transpose(0, 2, 1)}
+    return {"decoders": np.asarray(params["W_dec"]), "encoders": np.asarray(params["W_enc"]).transpose(0, 2, 1),
+            "params": jax.tree.map(np.asarray, params)}
+
+
+def untrained_metrics(view: TrainResult, rand: dict, heldout: np.ndarray) -> dict:
+    """Held-out MSE and explained variance of the untrained control SAEs (decoder bias at the
+    held-out mean, the trained seeds' inference thresholds), next to the trained ones: study 000's
+    "trained SAEs reconstruct 4-8x better than untrained"."""
+    n = len(view.seeds)
+    params = {k: v[:n] for k, v in rand["params"].items()}
+    params["b_dec"] = np.broadcast_to(heldout.mean(0) * view.scale, params["b_dec"].shape).astype(np.float32)
+    ev = evaluate(dataclasses.replace(view, params=params), heldout)
+    return {"random_mse": float(np.mean(ev["mse"])), "random_explained_variance": float(np.mean(ev["ev"]))}
 
 
 def run_unit(exp: Experiment, unit: Unit, source, store: RunStore, *, progress: bool = True, log=print,
-             cache_dir=None) -> list[dict]:
-    """Train ``unit`` (or resume it) and return one summary record per cell."""
+             cache_dir=None, on_trained=None) -> list[dict]:
+    """Train ``unit`` (or resume it) and return one summary record per cell; ``on_trained(result)``
+    is called once training is done (the runner's clock reads the steady training time)."""
     udir = store.unit_dir(unit.id, unit_key(exp, unit))
     done = store.done(udir)
     if done is not None:
@@ -137,6 +150,8 @@ def run_unit(exp: Experiment, unit: Unit, source, store: RunStore, *, progress: 
                    stops=unit.stops, checkpoint=ckpt,
                    on_stop=lambda g, step, st: store.save_snapshot(udir, g, step, st, step in lengths_steps))
     ckpt.close()
+    if on_trained is not None:
+        on_trained(result)
     heldout = np.asarray(source.heldout()[: exp.heldout_tokens], np.float32)
     rand = random_control(unit.sae, exp.seeds, unit.sae.d_in, unit.train.root_seed)
     eff_rank = stability.effective_rank(heldout[:4096])
@@ -183,12 +198,13 @@ def _members(view: TrainResult, keep: list[int]) -> TrainResult:
     return dataclasses.replace(
         view, seeds=tuple(view.seeds[i] for i in keep), params=jax.tree.map(lambda a: a[idx], view.params),
         threshold=view.threshold[idx], since_fired=view.since_fired[idx],
-        history={k: v[idx] for k, v in view.history.items()}, failed={})
+        history={k: v[idx] for k, v in view.history.items()}, failed={},
+        resampled=None if view.resampled is None else view.resampled[idx])
 
 
 def _failed_record(exp: Experiment, unit: Unit, cell: Cell, failed: list, store: RunStore) -> dict:
     """A cell with fewer than 2 healthy seeds: its configuration, the failure, and no metrics."""
-    record = {**_config_columns(exp, unit, cell), "n_seeds": len(exp.seeds) - len(failed), "failed_seeds": failed,
+    record = {**cell_config(exp, unit, cell), "n_seeds": len(exp.seeds) - len(failed), "failed_seeds": failed,
               "status": f"failed: {len(failed)} of {len(exp.seeds)} seeds diverged or hit non-finite values"}
     store.write_cell(cell.id, "cell", record)
     return record
@@ -211,11 +227,17 @@ def _dynamics(store: RunStore, udir, unit: Unit, cell: Cell, n: int, keep: list[
 def _record(ctx: CellContext, eff_rank: dict, dynamics: list[dict]) -> dict:
     exp, unit, cell, view, ev = ctx.exp, ctx.unit, ctx.cell, ctx.view, ctx.ev
     at = int(np.searchsorted(view.log_steps, cell.step, side="right"))
-    ctx.store.write_cell(cell.id, "history", {"step": view.log_steps[:at], **{k: v[:, :at] for k, v in view.history.items()},
-                                              "dynamics": dynamics, "seeds": list(ctx.seeds)})
+    events = [i for i, s in enumerate(unit.train.resample_steps) if s <= cell.step]
+    resampled = None if view.resampled is None else view.resampled[:, events]  # [seed, event] up to this cell
+    ctx.store.write_cell(cell.id, "history", {
+        "step": view.log_steps[:at], **{k: v[:, :at] for k, v in view.history.items()}, "dynamics": dynamics,
+        "seeds": list(ctx.seeds), **({"resample_steps": [unit.train.resample_steps[i] for i in events],
+                                      "resampled": resampled} if resampled is not None else {})})
     ctx.store.export_saes(cell.id, unit.sae, view.raw_params(), view.threshold, ctx.seeds,
                           {"cell": cell.id, "step": cell.step, "source": exp.source.describe()})
-    record = {**_config_columns(exp, unit, cell), "n_seeds": len(ctx.seeds)}
+    record = {**cell_config(exp, unit, cell), "n_seeds": len(ctx.seeds)}
+    if resampled is not None:
+        record["resampled"] = float(np.mean(resampled.sum(axis=1)))
     for name in dict.fromkeys(("stability", *exp.analyses)):
         record.update(ANALYSES[name].run(ctx))
     last = at - 1
@@ -223,16 +245,11 @@ def _record(ctx: CellContext, eff_rank: dict, dynamics: list[dict]) -> dict:
         "effective_rank_pr": eff_rank["participation_ratio"], "effective_rank_entropy": eff_rank["entropy_rank"],
         "explained_variance": float(np.mean(ev["ev"])), "mse": float(np.mean(ev["mse"])),
         "l0": float(np.mean(ev["l0"])), "dead_fraction": float(np.mean(ev["dead_frac"])),
+        **untrained_metrics(view, ctx.rand, ctx.heldout),
         "train_fvu": float(np.mean(view.history["fvu"][:, last])) if last >= 0 else None})
     if dynamics:
         record["pwmcc_at_start"] = dynamics[0]["pwmcc"]
     return record
-
-
-def _config_columns(exp: Experiment, unit: Unit, cell: Cell) -> dict:
-    return {"cell": cell.id, "arch": unit.sae.arch, "d_sae": unit.sae.d_sae, "d_in": unit.sae.d_in,
-            "k": unit.sae.k if archs.get(unit.sae.arch).uses_k else None, "sparsity_coef": cell.coef,
-            **({"lr": cell.lr} if cell.lr is not None else {}), exp.length_unit: cell.length, "steps": cell.step}
 
 
 def headline(r: dict) -> str:

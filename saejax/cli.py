@@ -3,6 +3,7 @@
   saejax run EXPERIMENT.py [options]   train and analyse an experiment (= python -m saejax.run)
   saejax compare DIR_A DIR_B           stability between two sets of SAEs (= python -m saejax.compare)
   saejax show RUN_DIR                  a finished run's findings and table, read from its summary.json
+  saejax explore RUN_DIR [--open]      the run's feature explorer (explorer.html): built if missing, path printed
 """
 
 from __future__ import annotations
@@ -34,6 +35,41 @@ def show(argv) -> int:
     return 0
 
 
+def explore(argv) -> int:
+    """Print the path of ``RUN_DIR/explorer.html`` (rebuilt from the cell files when missing, or
+    with ``--rebuild``); ``--open`` also opens it in the default browser."""
+    flags = {a for a in argv if a.startswith("-")}
+    dirs = [a for a in argv if not a.startswith("-")]
+    if len(dirs) != 1 or flags - {"--open", "--rebuild"}:
+        print("usage: saejax explore RUN_DIR [--open] [--rebuild]", file=sys.stderr)
+        return 2
+    out = Path(dirs[0])
+    page = out / "explorer.html"
+    if "--rebuild" in flags or not page.is_file():
+        from saejax.errors import ConfigError
+        from saejax.explorer import write_explorer
+
+        path = out / "summary.json"
+        try:
+            summary = json.loads(path.read_text())
+            records = summary["cells"]
+        except (OSError, ValueError, KeyError) as e:
+            print(f"error: {str(path)!r} is not a finished run's summary ({type(e).__name__}); "
+                  "expected the --out directory of a completed `saejax run`", file=sys.stderr)
+            return 2
+        try:
+            write_explorer(out, records, title=summary.get("experiment", ""), description=summary.get("source", ""))
+        except (ConfigError, OSError) as e:
+            print(f"error: cannot build {str(page)!r}: {e}".replace("\n", " "), file=sys.stderr)
+            return 2
+    print(page)
+    if "--open" in flags:
+        import webbrowser
+
+        webbrowser.open(page.resolve().as_uri())
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -50,7 +86,9 @@ def main(argv=None) -> int:
         return compare_main(rest)
     if cmd == "show":
         return show(rest)
-    print(f"error: unknown command {cmd!r}; expected one of run, compare, show (saejax --help)", file=sys.stderr)
+    if cmd == "explore":
+        return explore(rest)
+    print(f"error: unknown command {cmd!r}; expected one of run, compare, show, explore (saejax --help)", file=sys.stderr)
     return 2
 
 

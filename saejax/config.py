@@ -116,6 +116,11 @@ class SAEConfig:
     """Active latents per token for the TopK family."""
     l1_coef: float = 1e-3
     """ReLU: weight of the L1 penalty ``sum_j z_j ||W_dec[j]||`` (gated: of ``sum_j relu(pi_gate)_j ||W_dec[j]||``)."""
+    l1_decoder_norm: bool = True
+    """ReLU and gated: weight each latent's L1 term by its decoder row's norm, ``sum_j z_j
+    ||W_dec[j]||`` (SAELens' ``scale_sparsity_penalty_by_decoder_norm``; Anthropic's April 2023
+    update, with ``unit_norm_decoder=False``), or False: the plain ``sum_j |z_j|`` (SAELens'
+    default, dictionary_learning's ``StandardTrainer``). Equal while decoder rows are unit-norm."""
     l0_coef: float = 1e-3
     """JumpReLU: weight of the (straight-through) L0 penalty."""
     jump_bandwidth: float = 1e-3
@@ -201,7 +206,14 @@ class TrainConfig:
     decay: Literal["constant", "linear", "cosine"] = "constant"
     """Learning rate after warm-up: ``constant``, ``linear`` (to 0) or ``cosine`` (to 0)."""
     sparsity_warmup_steps: int = 0
-    """Linear warm-up of the L1/L0 coefficient from 0 (ReLU and JumpReLU)."""
+    """Linear warm-up of the L1/L0 coefficient from 0 (ReLU and JumpReLU): ``min(1, step / n)``
+    at 0-based step ``step``, as SAELens' ``l1_warm_up_steps`` and dictionary_learning's
+    ``sparsity_warmup_steps``."""
+    resample_steps: tuple[int, ...] = ()
+    """Steps (counted from 1) after which dead latents are resampled towards badly reconstructed
+    inputs (Bricken et al. 2023; see :mod:`saejax.resample`), e.g. ``(25_000, 50_000, 75_000)``."""
+    resample_scale: float = 0.2
+    """A resampled encoder column's norm, as a fraction of the mean norm of the live ones."""
     grad_clip: float | None = None
     """Clip the global gradient norm (per seed) before Adam."""
     log_every: int = 10
@@ -238,6 +250,10 @@ class TrainConfig:
         check(self.decay in ("constant", "linear", "cosine"), f"decay must be 'constant', 'linear' or 'cosine', got {self.decay!r}")
         check(self.log_every > 0 and self.chunk_steps > 0, f"log_every and chunk_steps must be positive, got {self.log_every!r}, {self.chunk_steps!r}")
         check(self.warmup_steps >= 0 and self.sparsity_warmup_steps >= 0, "warm-up steps must be >= 0")
+        rs = self.resample_steps
+        check(all(v > 0 for v in rs) and all(a < b for a, b in zip(rs, rs[1:])),
+              f"resample_steps must be increasing positive step numbers, got {rs!r}")
+        check(self.resample_scale > 0, f"resample_scale must be positive, got {self.resample_scale!r}")
         check(self.compute_dtype in ("float32", "bfloat16"), f"compute_dtype must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
         if self.mesh_shape is not None:
             ms = tuple(self.mesh_shape)

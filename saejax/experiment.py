@@ -22,6 +22,7 @@ import numpy as np
 
 from saejax import archs
 from saejax.config import SAEConfig, TrainConfig, check_fields, check_seeds, closest
+from saejax.contrasts import Contrast
 from saejax.data import SourcePlan, SyntheticSource
 from saejax.errors import ConfigError, check
 
@@ -86,6 +87,24 @@ def _is_source(obj) -> bool:
 
 # ----------------------------------------------------------------------------- experiment
 @dataclass(frozen=True)
+class Recipe:
+    """A named training recipe: an architecture with its own SAE and train options, merged over
+    the experiment's ``sae`` and ``train`` (e.g. ReLU-L1 with dead-latent resampling)."""
+
+    name: str
+    """Prefix of the recipe's cell ids and its series in tables and figures."""
+    arch: str
+    sae: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        check(isinstance(self.name, str) and self.name.replace("_", "").replace("+", "").isalnum(),
+              f"recipe name must be letters, digits, '_' or '+', got {self.name!r}")
+        check_fields(self)
+        archs.get(self.arch)
+
+
+@dataclass(frozen=True)
 class Experiment:
     """A grid of SAE trainings on one activation source and the analyses run on each cell."""
 
@@ -95,7 +114,13 @@ class Experiment:
     """A source spec: :class:`Synthetic`, :class:`Modular` or ``HF`` (anything with ``build``,
     ``plan`` and ``describe``)."""
     archs: tuple[str, ...] = ("topk",)
-    """SAE architectures (entries of :mod:`saejax.archs`)."""
+    """SAE architectures (entries of :mod:`saejax.archs`); ignored when ``recipes`` are given."""
+    contrasts: tuple[Contrast, ...] = ()
+    """Comparisons between cells (:class:`saejax.contrasts.Contrast`), e.g. ``Contrast("arch",
+    "topk", "relu")``: a table in ``report.md`` and ``contrasts.json``; each must pair planned cells."""
+    recipes: tuple[Recipe, ...] | None = None
+    """Named recipes that replace ``archs``: each trains every width (and k) with its own
+    architecture and options, and its cells are named after it (``experiments/recipes.py``)."""
     widths: tuple[int, ...] = (1024,)
     """Dictionary sizes ``d_sae``."""
     ks: tuple[int, ...] = (32,)
@@ -134,6 +159,10 @@ class Experiment:
         check_fields(self)
         for a in self.archs:
             archs.get(a)
+        check(self.recipes is None or (len(self.recipes) > 0 and all(isinstance(r, Recipe) for r in self.recipes)),
+              f"recipes must be a non-empty tuple of saejax.experiment.Recipe, got {self.recipes!r}")
+        names_ = [r.name for r in self.recipes or ()]
+        check(len(set(names_)) == len(names_), f"recipe names must be unique, got {names_}")
         for name in ("archs", "widths", "seeds"):
             check(len(getattr(self, name)) > 0, f"{name} is empty: give at least one value")
         for w in self.widths:
@@ -147,10 +176,16 @@ class Experiment:
                   f"{name} must be finite and >= 0, got {list(getattr(self, name))}")
         check(self.lrs is None or (len(self.lrs) > 0 and all(np.isfinite(v) and v > 0 for v in self.lrs)),
               f"lrs must be finite and positive, got {self.lrs}")
-        _check_keys(self.sae, SAEConfig, "sae", skip=("d_in", "d_sae", "arch", "k", "l1_coef", "l0_coef"))
-        _check_keys(self.train, TrainConfig, "train", skip=("steps", "epochs"))
-        for length in self.lengths:  # every TrainConfig field is validated here, before anything runs
-            self.train_config(length)
+        for where, sae, train in [("", self.sae, self.train)] + [
+                (f"recipe {r.name}: ", r.sae, r.train) for r in self.recipes or ()]:
+            try:
+                _check_keys(sae, SAEConfig, "sae", skip=("d_in", "d_sae", "arch", "k", "l1_coef", "l0_coef"))
+                _check_keys(train, TrainConfig, "train", skip=("steps", "epochs"))
+            except ConfigError as e:
+                raise ConfigError(f"{where}{e}") from None
+        for recipe in self.recipes or (None,):
+            for length in self.lengths:  # every TrainConfig field is validated here, before anything runs
+                self.train_config(length, recipe)
         check(self.dynamics >= 0 and self.checkpoint_every > 0 and self.heldout_tokens > 0,
               f"dynamics must be >= 0, checkpoint_every and heldout_tokens positive, got "
               f"{self.dynamics}, {self.checkpoint_every}, {self.heldout_tokens}")
@@ -170,11 +205,11 @@ class Experiment:
     def length_unit(self) -> str:
         return "epochs" if self.epochs is not None else "steps"
 
-    def train_config(self, length) -> TrainConfig:
+    def train_config(self, length, recipe: Recipe | None = None) -> TrainConfig:
         try:
-            return TrainConfig(**{**self.train, self.length_unit: length})
+            return TrainConfig(**{**self.train, **(recipe.train if recipe else {}), self.length_unit: length})
         except ConfigError as e:
-            raise ConfigError(f"train: {e}") from None
+            raise ConfigError(f"{f'recipe {recipe.name}: ' if recipe else ''}train: {e}") from None
 
     def plan(self, source: SourcePlan) -> Plan:
         """Every unit of the grid, fully resolved (see :class:`Unit`)."""
@@ -223,6 +258,8 @@ class Unit:
     n_members: int
     member_bytes: int
     """Device bytes per member (:func:`saejax.train.member_bytes`)."""
+    recipe: str | None = None
+    """The :class:`Recipe` it trains, if the experiment names recipes."""
 
     @property
     def lengths(self) -> tuple:

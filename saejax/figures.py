@@ -32,6 +32,9 @@ def figures(records: list[dict], out: Path) -> list[tuple[str, Path]]:
     best = max(records, key=lambda r: r["pwmcc"])
     made = [_heatmap(best, out, fdir), _matched(best, out, fdir), _dynamics(records, out, fdir)]
     made += _versus(records, fdir)
+    made += [_heatmaps(records, out, fdir), _ratio_vs_width(records, fdir)]
+    if (out / "cells" / best["cell"] / "consensus.json").exists():
+        made.append(_consensus_hist(best, out, fdir))
     if any(r.get("loss_recovered") is not None for r in records):
         made.append(_loss_recovered(records, fdir))
     return made + [_ev_vs_l0(records, fdir)]
@@ -64,6 +67,67 @@ def _heatmap(best: dict, out: Path, fdir: Path):
     return "Pairwise seed PWMCC (most stable cell)", _save(fig, fdir / "heatmap.png")
 
 
+def _heatmaps(records: list[dict], out: Path, fdir: Path):
+    """The pairwise seed PWMCC of every cell on one colour scale, each titled with its chance level."""
+    import matplotlib.pyplot as plt
+
+    mats = [np.array(read_json(out / "cells" / r["cell"] / "report.json")["matrices"]["pwmcc"], dtype=float) for r in records]
+    vals = np.concatenate([m[~np.isnan(m)] for m in mats])
+    lo, hi = min(vals.min(), min(r["random_pwmcc"] for r in records)), vals.max()
+    cols = int(np.ceil(np.sqrt(len(records))))
+    rows = int(np.ceil(len(records) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.2 * rows + 0.4), squeeze=False)
+    for ax, r, m in zip(axes.ravel(), records, mats):
+        im = ax.imshow(m, vmin=lo, vmax=hi, cmap="viridis")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"{r['cell']}\nchance {r['random_pwmcc']:.3f}", fontsize=6)
+    for ax in axes.ravel()[len(records):]:
+        ax.axis("off")
+    fig.colorbar(im, ax=axes.ravel().tolist(), label="PWMCC", shrink=0.8)
+    fig.suptitle("PWMCC between seeds, every cell (one colour scale)", fontsize=9)
+    return "Pairwise seed PWMCC, every cell", _save(fig, fdir / "heatmaps.png")
+
+
+def _ratio_vs_width(records: list[dict], fdir: Path):
+    """PWMCC over its own cell's chance level vs d_sae, one line per series and training length."""
+    fig, ax = _axes()
+    length = "epochs" if "epochs" in records[0] else "steps"
+    keys = sorted({(series(r), r.get(length)) for r in records}, key=str)
+    for i, (name, n) in enumerate(keys):
+        rs = sorted((r for r in records if (series(r), r.get(length)) == (name, n)), key=lambda r: r["d_sae"])
+        ax.plot([r["d_sae"] for r in rs], [r["pwmcc_ratio"] for r in rs], marker="os^vD"[i % 5], ls="-" if i % 2 else "--",
+                label=f"{name}, {n:g} {length}")
+    ax.axhline(1.0, color="k", ls=":", lw=1, label="chance (ratio 1)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("d_sae")
+    ax.set_ylabel("PWMCC / chance (per cell)")
+    ax.set_title("Stability over chance vs width", fontsize=9)
+    ax.legend(fontsize=6)
+    return "Ratio to chance vs d_sae", _save(fig, fdir / "ratio_vs_width.png")
+
+
+def _consensus_hist(best: dict, out: Path, fdir: Path):
+    """Paulo & Belrose's curve for the most stable cell: latents found in exactly k seeds, trained vs control."""
+    rep = read_json(out / "cells" / best["cell"] / "consensus.json")
+    fig, ax = _axes()
+    s = len(rep["histogram_frac"][0])
+    ks = np.arange(1, s + 1)
+    width = 0.8 / (2 * len(rep["thresholds"]))
+    for i, tau in enumerate(rep["thresholds"]):
+        ax.bar(ks + (2 * i - len(rep["thresholds"])) * width, rep["histogram_frac"][i], width, label=f"trained, |cos| >= {tau}")
+        if rep.get("random"):
+            rf = rep["random"]["histogram_frac"][i]  # the control may have fewer seeds
+            ax.bar(np.arange(1, len(rf) + 1) + (2 * i + 1 - len(rep["thresholds"])) * width, rf, width,
+                   hatch="//", alpha=0.5, label=f"random control, {tau}")
+    ax.set_xticks(ks)
+    ax.set_xlabel("found in exactly k seeds")
+    ax.set_ylabel("fraction of latents")
+    ax.set_title(f"Consensus: {best['cell']}", fontsize=9)
+    ax.legend(fontsize=6)
+    return "Consensus across seeds (found in k seeds)", _save(fig, fdir / "consensus_hist.png")
+
+
 def _matched(best: dict, out: Path, fdir: Path):
     matched = read_json(out / "cells" / best["cell"] / "matched.json")
     fig, ax = _axes()
@@ -77,12 +141,17 @@ def _matched(best: dict, out: Path, fdir: Path):
     return "Matched cosines, trained vs random", _save(fig, fdir / "matched_hist.png")
 
 
+def series(r: dict) -> str:
+    """A record's series in figures: its recipe where the experiment names recipes, else its arch."""
+    return r.get("recipe") or r["arch"]
+
+
 def _dynamics(records: list[dict], out: Path, fdir: Path):
     """Cross-seed PWMCC at the snapshot steps, each run once, with its own chance level."""
     fig, ax = _axes()
     longest = {}  # shorter lengths are prefixes of the same run: plot each run once
     for r in records:
-        key = (r["arch"], r["d_sae"], r["k"], r["sparsity_coef"], r.get("lr"))
+        key = (series(r), r["d_sae"], r["k"], r["sparsity_coef"], r.get("lr"))
         if key not in longest or r["steps"] > longest[key]["steps"]:
             longest[key] = r
     for r in longest.values():
@@ -105,8 +174,8 @@ def _versus(records: list[dict], fdir: Path) -> list:
     for key, title, fname in (("l0", "Stability vs L0", "stability_vs_l0.png"),
                               ("d_sae", "Stability vs d_sae", "stability_vs_width.png")):
         fig, ax = _axes()
-        for arch in sorted({r["arch"] for r in records}):
-            rs = sorted((r for r in records if r["arch"] == arch), key=lambda r: r[key])
+        for arch in sorted({series(r) for r in records}):
+            rs = sorted((r for r in records if series(r) == arch), key=lambda r: r[key])
             ax.scatter([r[key] for r in rs], [r["pwmcc"] for r in rs], label=f"{arch} trained")
             ax.scatter([r[key] for r in rs], [r["random_pwmcc"] for r in rs], marker="x", label=f"{arch} chance")
         if key == "d_sae":
@@ -122,8 +191,8 @@ def _versus(records: list[dict], fdir: Path) -> list:
 
 def _loss_recovered(records: list[dict], fdir: Path):
     fig, ax = _axes()
-    for arch in sorted({r["arch"] for r in records}):
-        rs = [r for r in records if r["arch"] == arch and r.get("loss_recovered") is not None]
+    for arch in sorted({series(r) for r in records}):
+        rs = [r for r in records if series(r) == arch and r.get("loss_recovered") is not None]
         ax.errorbar([r["pwmcc"] for r in rs], [r["loss_recovered"] for r in rs], fmt="o", label=arch,
                     yerr=[[r["loss_recovered"] - r["loss_recovered_ci_low"] for r in rs],
                           [r["loss_recovered_ci_high"] - r["loss_recovered"] for r in rs]])
@@ -136,8 +205,8 @@ def _loss_recovered(records: list[dict], fdir: Path):
 
 def _ev_vs_l0(records: list[dict], fdir: Path):
     fig, ax = _axes()
-    for arch in sorted({r["arch"] for r in records}):
-        rs = [r for r in records if r["arch"] == arch]
+    for arch in sorted({series(r) for r in records}):
+        rs = [r for r in records if series(r) == arch]
         ax.scatter([r["l0"] for r in rs], [r["explained_variance"] for r in rs], label=arch)
     ax.set_xlabel("L0 (held-out)")
     ax.set_ylabel("explained variance (held-out)")

@@ -4,8 +4,6 @@ does not have to work it out from the tables."""
 
 from __future__ import annotations
 
-from math import comb
-
 
 def _ci(r: dict) -> str:
     return f"{r['pwmcc']:.3f} [{r['pwmcc_ci_low']:.3f}, {r['pwmcc_ci_high']:.3f}]"
@@ -36,12 +34,17 @@ def findings(records: list[dict]) -> list[str]:
             none = sum(r[key] < 0.005 for r in vals)
             out.append(f"- Features that recur (one-to-one match at |cos| >= {t}): at most {100 * top[key]:.1f}% of "
                        f"latents (`{top['cell']}`); {none} of {len(vals)} cells have under 0.5%.")
-    floors = [r for r in ok if r.get("p_value_vs_random") is not None and r.get("n_random")]
+    floors = [r for r in ok if r.get("p_value_vs_random") is not None and r.get("p_value_resolution")]
     if floors:
         r0 = floors[0]
-        floor = 1 / comb(r0["n_seeds"] + r0["n_random"], r0["n_seeds"])
-        at = sum(abs(r["p_value_vs_random"] - floor) < 1e-9 for r in floors)
-        out.append(f"- p-values resolve only down to 1/{comb(r0['n_seeds'] + r0['n_random'], r0['n_seeds'])} = {floor:.4f} "
-                   f"({r0['n_seeds']} trained vs {r0['n_random']} random seeds); {at} of {len(floors)} cells sit at that "
-                   "floor, so read the ratios and CIs, not the p-values, to rank them.")
+        res = r0["p_value_resolution"]
+        at = [r for r in floors if r["p_value_vs_random"] <= r["p_value_resolution"] + 1e-12]
+        line = (f"- Permutation p-values resolve only down to {res:.4f} ({r0['n_seeds']} trained vs {r0['n_random']} "
+                f"random seeds); {len(at)} of {len(floors)} cells sit at that floor.")
+        if at and all(r.get("p_value_analytic") is not None for r in at):
+            sig = [r for r in at if r["p_value_analytic"] < 0.05 / len(ok)]
+            line += (f" The analytic test against the exact chance distribution (conservative, no floor) puts "
+                     f"{len(sig)} of them below 0.05/{len(ok)} (Bonferroni over cells): p from "
+                     f"{min(r['p_value_analytic'] for r in at):.1e} to {max(r['p_value_analytic'] for r in at):.1e}.")
+        out.append(line)
     return out

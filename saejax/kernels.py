@@ -204,7 +204,9 @@ def topk_encode(x, w_enc, b_enc, b_dec, dead, k: int, n_aux: int):
     also the AuxK selection among ``dead`` latents (Gao et al. 2024):
     ``aux_vals, aux_idx = top_k(where(dead, pre, -inf), n_aux)`` with non-finite values (fewer
     than ``n_aux`` dead latents) and negative ones set to 0. Returns ``(vals, idx, aux_vals,
-    aux_idx)``; the aux pair is ``[B, 0]`` when ``n_aux == 0``.
+    aux_idx)``; the aux pair is ``[B, 0]`` when ``n_aux == 0`` (``dead`` is unused then and may be
+    ``None``: while at most ``n_aux`` latents are dead, :func:`saejax.sae.sparse_topk_step` computes
+    AuxK from the shared dead set instead, see :class:`saejax.sae.DeadSet`).
 
     The values equal the dense computation; the gradient with respect to ``W_enc``, ``b_enc``,
     ``b_dec`` and ``x`` touches only the ``k + n_aux`` selected latents of each token.

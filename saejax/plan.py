@@ -17,7 +17,7 @@ from saejax import archs
 from saejax.config import SAEConfig
 from saejax.data import SourcePlan
 from saejax.errors import ConfigError
-from saejax.experiment import Cell, Experiment, Plan, Unit
+from saejax.experiment import Cell, Experiment, Plan, Recipe, Unit
 
 PLAN_VERSION = 1  # bump when a change alters a unit's results: old finished units then miss
 
@@ -33,33 +33,45 @@ def resolve(exp: Experiment, source: SourcePlan) -> Plan:
     shares = exp.train.get("decay", "constant") == "constant"
     groups = [tuple(sorted(exp.lengths))] if shares else [(v,) for v in sorted(exp.lengths)]
     units = []
-    for name in exp.archs:
-        arch = archs.get(name)
+    for recipe in exp.recipes or [Recipe(name, name) for name in exp.archs]:
+        arch = archs.get(recipe.arch)
         for width in exp.widths:
             for k in (exp.ks if arch.uses_k else (None,)):
-                kw = {**exp.sae, "d_in": source.d_in, "d_sae": width, "arch": name}
+                kw = {**exp.sae, **recipe.sae, "d_in": source.d_in, "d_sae": width, "arch": recipe.arch}
                 if k is not None:
                     kw["k"] = k
                 try:
                     cfg = SAEConfig(**kw)
                 except ConfigError as e:
-                    raise ConfigError(f"cell {name} d_sae={width}: {e}") from None
-                units += [_unit(exp, cfg, lengths, source.n_tokens) for lengths in groups]
+                    raise ConfigError(f"cell {recipe.name} d_sae={width}: {e}") from None
+                units += [_unit(exp, cfg, lengths, source.n_tokens, recipe if exp.recipes else None)
+                          for lengths in groups]
+    from saejax.contrasts import check_plan
+
+    check_plan(exp.contrasts, [cell_config(exp, u, c) for u in units for c in u.cells])
     return Plan(exp, source, tuple(units))
 
 
-def _unit(exp: Experiment, cfg: SAEConfig, lengths: tuple, n_tokens: int | None) -> Unit:
+def cell_config(exp: Experiment, unit: Unit, cell: Cell) -> dict:
+    """The config columns of a cell's record (``summary.json``), known before it trains."""
+    return {"cell": cell.id, **({"recipe": unit.recipe} if unit.recipe else {}), "arch": unit.sae.arch,
+            "d_sae": unit.sae.d_sae, "d_in": unit.sae.d_in, "k": unit.sae.k if archs.get(unit.sae.arch).uses_k else None,
+            "sparsity_coef": cell.coef, **({"lr": cell.lr} if cell.lr is not None else {}),
+            exp.length_unit: cell.length, "steps": cell.step}
+
+
+def _unit(exp: Experiment, cfg: SAEConfig, lengths: tuple, n_tokens: int | None, recipe: Recipe | None = None) -> Unit:
     from saejax.train import member_bytes
 
     arch = archs.get(cfg.arch)
     coefs = tuple(getattr(exp, f"{arch.coef}s")) if arch.coef else (None,)
     lrs = exp.lrs or (None,)
     sweep = {**({arch.coef: list(coefs)} if arch.coef else {}), **({"lr": list(exp.lrs)} if exp.lrs else {})}
-    steps = [exp.train_config(v).total_steps(n_tokens) for v in lengths]
+    steps = [exp.train_config(v, recipe).total_steps(n_tokens) for v in lengths]
     total = max(steps)
-    tc = exp.train_config(lengths[steps.index(total)])
+    tc = exp.train_config(lengths[steps.index(total)], recipe)
     dyn = dynamics_steps(exp.dynamics, total)
-    base = f"{cfg.arch}-w{cfg.d_sae}" + (f"-k{cfg.k}" if arch.uses_k else "")
+    base = f"{recipe.name if recipe else cfg.arch}-w{cfg.d_sae}" + (f"-k{cfg.k}" if arch.uses_k else "")
     cells = []
     for h, (coef, lr) in enumerate(itertools.product(coefs, lrs)):  # sweep_grid's order: coef-major
         name = base + (f"-{arch.coef.split('_')[0]}_{coef:g}" if arch.coef and coef is not None else "")
@@ -68,7 +80,7 @@ def _unit(exp: Experiment, cfg: SAEConfig, lengths: tuple, n_tokens: int | None)
     uid = base + (f"-len{lengths[0]:g}" if len(lengths) == 1 else "")  # lengths is never empty
     n_members = len(exp.seeds) * len(coefs) * len(lrs)
     return Unit(uid, cfg, tc, sweep or None, tuple(cells), total, tuple(sorted(set(dyn) | set(steps))), dyn,
-                n_members, member_bytes(cfg, tc))
+                n_members, member_bytes(cfg, tc), recipe.name if recipe else None)
 
 
 def unit_key(exp: Experiment, unit: Unit) -> str:

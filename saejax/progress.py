@@ -28,15 +28,21 @@ class RunClock:
     units: tuple
     t0: float = field(default_factory=time.perf_counter)
     stages: list = field(default_factory=list)
-    measured: list = field(default_factory=list)  # (work, seconds) of each unit trained so far
+    measured: list = field(default_factory=list)  # (work, seconds, steady seconds or None) per unit trained
 
     def stage(self, name: str, seconds: float) -> None:
         self.stages.append((name, seconds))
 
     def seconds_for(self, w: float) -> float:
-        """Predicted seconds of a unit of work ``w``: ``a + b w`` fitted by least squares to the
-        units trained so far, so a unit's fixed cost (compilation, analyses) is not scaled by its
-        size; proportional to work with one size only, or where the fit gives a negative term."""
+        """Predicted seconds of a unit of work ``w``, so that a unit's fixed cost (compilation,
+        analyses) is not scaled by its size: where the trainer measured its steady time per step,
+        the mean fixed cost (unit time minus steady training time) plus ``w`` at the measured
+        steady seconds per unit of work; else ``a + b w`` fitted by least squares to the units
+        trained so far, proportional to work with one size only or where the fit gives a negative term."""
+        steady = [m for m in self.measured if m[2] is not None]
+        if steady:
+            rate = sum(m[2] for m in steady) / max(sum(m[0] for m in steady), 1e-30)
+            return float(np.mean([max(m[1] - m[2], 0.0) for m in steady]) + rate * w)
         ws = np.array([m[0] for m in self.measured])
         ts = np.array([m[1] for m in self.measured])
         if len(set(ws.tolist())) >= 2:
@@ -50,10 +56,11 @@ class RunClock:
             return "ETA after the first unit"
         return f"ETA {_fmt(sum(self.seconds_for(work(u)) for u in remaining_units))}"
 
-    def unit_done(self, unit, seconds: float, trained: bool) -> None:
+    def unit_done(self, unit, seconds: float, trained: bool, steady: float | None = None) -> None:
+        """``steady``: the unit's training seconds net of compilation (``TrainResult.steady_seconds``)."""
         self.stage(unit.id, seconds)
         if trained:
-            self.measured.append((work(unit), seconds))
+            self.measured.append((work(unit), seconds, steady))
 
     def line(self, i: int, unit) -> str:
         elapsed = time.perf_counter() - self.t0

@@ -164,13 +164,19 @@ def _train_all(args, exp, plan, store, cache_dir) -> int:
         last_mesh = mesh
         t = time.perf_counter()
         trained = store.status(store.unit_dir(unit.id, unit_key(exp, unit))) != "done"
-        records += run_unit(exp, unit, source, store, progress=not args.no_progress, cache_dir=cache_dir)
-        clock.unit_done(unit, time.perf_counter() - t, trained)
+        steady = []
+        records += run_unit(exp, unit, source, store, progress=not args.no_progress, cache_dir=cache_dir,
+                            on_trained=lambda r: steady.append(r.steady_seconds))
+        clock.unit_done(unit, time.perf_counter() - t, trained, steady[0] if steady else None)
     t = time.perf_counter()
     summary.write_all(exp, records, store.out)
+    from saejax.explorer import write_explorer
+
+    write_explorer(store.out, records, spec=exp.source, source=source, heldout_tokens=exp.heldout_tokens,
+                   title=exp.name, description=exp.source.describe())
     clock.stage("report", time.perf_counter() - t)
     print(summary.table(records))
-    print(f"\n{len(records)} cells; results in {store.out}/ (summary.json, summary.csv, report.md, figures/)")
+    print(f"\n{len(records)} cells; results in {store.out}/ (summary.json, summary.csv, report.md, explorer.html, figures/)")
     print(clock.summary())
     return 0
 

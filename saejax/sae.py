@@ -118,7 +118,7 @@ class Step(NamedTuple):
     min_kept: jax.Array  # BatchTopK: smallest kept latent (feeds its inference threshold)
 
 
-def dense_step(cfg: SAEConfig, params: dict, x: jax.Array, hp: dict, dead: jax.Array, ramp) -> Step:
+def dense_step(cfg: SAEConfig, params: dict, x: jax.Array, hp: dict, dead: jax.Array | DeadSet, ramp) -> Step:
     pre = pre_acts(params, x)
     z, sparsity, min_kept = archs.get(cfg.arch).train_latents(cfg, params, pre, hp, ramp)
     x_hat = decode(params, z)
@@ -128,32 +128,39 @@ def dense_step(cfg: SAEConfig, params: dict, x: jax.Array, hp: dict, dead: jax.A
     return Step(x_hat, jnp.any(z > 0, axis=0), jnp.mean(jnp.sum(z > 0, axis=1)), sparsity, aux, min_kept)
 
 
-def sparse_topk_step(cfg: SAEConfig, params: dict, x: jax.Array, dead: jax.Array) -> Step:
+def sparse_topk_step(cfg: SAEConfig, params: dict, x: jax.Array, dead: jax.Array | DeadSet) -> Step:
     """TopK through :mod:`saejax.kernels`: same numbers as :func:`dense_step`; only the encoder
     forward is dense."""
+    mask = None if isinstance(dead, DeadSet) else dead  # a DeadSet: no per-token aux top-k in the encoder
     enc: tuple[jax.Array, jax.Array, jax.Array, jax.Array] = kernels.topk_encode(  # partial(custom_vjp) loses the type
-        x, params["W_enc"], params["b_enc"], params["b_dec"], dead, cfg.k, cfg.n_aux)
+        x, params["W_enc"], params["b_enc"], params["b_dec"], mask, cfg.k, 0 if mask is None else cfg.n_aux)
     vals, idx, aux_vals, aux_idx = enc
     x_hat = kernels.sparse_decode(vals, idx, params["W_dec"]) + params["b_dec"]
     fired = jnp.zeros(cfg.d_sae, bool).at[idx.reshape(-1)].max((vals > 0).reshape(-1))
     zero = jnp.zeros((), x.dtype)
     aux = zero
-    if cfg.n_aux > 0:
+    resid = jax.lax.stop_gradient(x - x_hat)
+    if isinstance(dead, DeadSet):  # the dead columns' pre-activations: [B, d_in] @ [d_in, n_aux]
+        w = params["W_enc"][:, dead.idx]  # x @ w - b_dec @ w: no [B, d_in] gradient for b_dec
+        pre_dead = x @ w - params["b_dec"] @ w + params["b_enc"][dead.idx]
+        aux = _auxk_shared(cfg, params, pre_dead, resid, dead)
+    elif cfg.n_aux > 0:
         e_hat = kernels.sparse_decode(aux_vals, aux_idx, params["W_dec"])
-        aux = _auxk_ratio(cfg, e_hat, jax.lax.stop_gradient(x - x_hat), dead)
+        aux = _auxk_ratio(cfg, e_hat, resid, jnp.sum(dead))
     return Step(x_hat, fired, jnp.mean(jnp.sum(vals > 0, axis=1)), zero, aux, zero)
 
 
-def loss(cfg: SAEConfig, params: dict, x: jax.Array, hp: dict, dead: jax.Array, ramp: jax.Array):
+def loss(cfg: SAEConfig, params: dict, x: jax.Array, hp: dict, dead: jax.Array | DeadSet, ramp: jax.Array):
     """Training loss for one seed on a batch, and its metrics.
 
     ``L = mean_b ||x - x_hat||^2 + sparsity``, where sparsity is ``ramp * l1_coef * sum_j z_j
     ||W_dec[j]||`` (ReLU), ``ramp * l0_coef * sum_j H(pre_j - theta_j)`` (JumpReLU), or for the
     TopK family ``aux_coef * AuxK``: the ``n_aux`` largest pre-activations among ``dead`` latents
     reconstruct the residual ``e = x - x_hat``, ``AuxK = ||e - e_hat||^2 / ||e - mean(e)||^2``
-    (Gao et al. 2024, normalised as in EleutherAI sparsify). ``hp`` holds the traced floats
-    (``lr``, ``l1_coef``, ``l0_coef``, ``aux_coef``) so one program can sweep them. An entry with
-    its own ``dense_step`` replaces :func:`dense_step`; a vector sparsity term is summed, and each
+    (Gao et al. 2024, normalised as in EleutherAI sparsify); ``dead`` is a ``[d_sae]`` mask or, when
+    at most ``n_aux`` latents are dead, a :class:`DeadSet` (same numbers, cheaper). ``hp`` holds the
+    traced floats (``lr``, ``l1_coef``, ``l0_coef``, ``aux_coef``) so one program can sweep them.
+    An entry with its own ``dense_step`` replaces :func:`dense_step`; a vector sparsity term is summed, and each
     part recorded under its name in ``arch.metrics(cfg)`` (see :mod:`saejax.archs_extra`).
     """
     arch = archs.get(cfg.arch)
@@ -180,18 +187,49 @@ def loss(cfg: SAEConfig, params: dict, x: jax.Array, hp: dict, dead: jax.Array, 
     return out, (metrics, st.fired, st.min_kept)
 
 
-def auxk_loss(cfg: SAEConfig, params: dict, pre: jax.Array, resid: jax.Array, dead: jax.Array) -> jax.Array:
-    """AuxK: reconstruct ``resid`` from the top-``n_aux`` dead latents (0 when none are dead)."""
+class DeadSet(NamedTuple):
+    """The dead latents as one set shared by all tokens, for when at most ``n_aux`` are dead.
+
+    Then AuxK's per-token top-``n_aux`` among dead latents (the others masked to -inf) selects
+    every dead latent for every token, so ``e_hat = relu(pre[:, idx]) @ W_dec[idx]`` over the
+    ``n_aux`` slots ``idx`` (padding slots masked out by ``valid``): a small dense matmul, no
+    per-token top-k or scatter. Passed in place of the ``dead`` mask (:func:`dead_set`).
+    """
+
+    idx: jax.Array  # [n_aux] int32: the dead latents, then padding (latent 0)
+    valid: jax.Array  # [n_aux] bool: the slot holds a dead latent
+
+
+def dead_set(dead: jax.Array, n_aux: int) -> DeadSet:
+    """The :class:`DeadSet` of a ``[d_sae]`` mask with at most ``n_aux`` dead latents."""
+    idx = jnp.nonzero(dead, size=n_aux, fill_value=0)[0].astype(jnp.int32)
+    return DeadSet(idx, jnp.arange(n_aux) < jnp.sum(dead))
+
+
+def auxk_loss(cfg: SAEConfig, params: dict, pre: jax.Array, resid: jax.Array, dead: jax.Array | DeadSet) -> jax.Array:
+    """AuxK: reconstruct ``resid`` from the top-``n_aux`` dead latents (0 when none are dead).
+
+    ``dead``: a ``[d_sae]`` mask (per-token top-``n_aux`` of ``where(dead, pre, -inf)``), or a
+    :class:`DeadSet` when at most ``n_aux`` are dead (the same numbers, much cheaper).
+    """
+    if isinstance(dead, DeadSet):
+        return _auxk_shared(cfg, params, pre[:, dead.idx], resid, dead)
     masked = jnp.where(dead, pre, -jnp.inf)
     vals, idx = jax.lax.top_k(masked, cfg.n_aux)
     vals = jnp.where(jnp.isfinite(vals), jax.nn.relu(vals), 0.0)
     e_hat = scatter_latents(vals, idx, cfg.d_sae) @ params["W_dec"]
-    return _auxk_ratio(cfg, e_hat, resid, dead)
+    return _auxk_ratio(cfg, e_hat, resid, jnp.sum(dead))
 
 
-def _auxk_ratio(cfg: SAEConfig, e_hat: jax.Array, resid: jax.Array, dead: jax.Array) -> jax.Array:
+def _auxk_shared(cfg: SAEConfig, params: dict, pre_dead: jax.Array, resid: jax.Array, ds: DeadSet) -> jax.Array:
+    """AuxK from a :class:`DeadSet`: ``e_hat = (relu(pre_dead) * valid) @ W_dec[idx]``, with
+    ``pre_dead = pre[:, idx]`` ``[B, n_aux]``."""
+    vals = jnp.where(ds.valid, jax.nn.relu(pre_dead), 0.0)
+    return _auxk_ratio(cfg, vals @ params["W_dec"][ds.idx], resid, jnp.sum(ds.valid))
+
+
+def _auxk_ratio(cfg: SAEConfig, e_hat: jax.Array, resid: jax.Array, n_dead: jax.Array) -> jax.Array:
     """``||e_hat - resid||^2 / ||resid - mean(resid)||^2``, scaled by the dead fraction of n_aux."""
-    n_dead = jnp.sum(dead)
     num = jnp.sum((e_hat - resid) ** 2)
     den = jnp.maximum(jnp.sum((resid - resid.mean(0)) ** 2), 1e-12)
     # Scale down while fewer latents are dead than n_aux (sparsify); exactly 0 when none are.

@@ -24,6 +24,7 @@ class Column:
 C = Column
 COLUMNS: tuple[Column, ...] = (
     C("cell", "str", "the cell id: architecture, width, k or coefficient, swept lr, training length", "config"),
+    C("recipe", "str", "the experiment's named training recipe (only when it names recipes)", "config"),
     C("arch", "str", "SAE architecture (an entry of `saejax.archs`)", "config"),
     C("d_sae", "int", "number of latents", "config"),
     C("d_in", "int", "activation width", "config"),
@@ -46,6 +47,10 @@ COLUMNS: tuple[Column, ...] = (
     C("random_pwmcc_analytic", "float", "the closed-form expectation for independent isotropic dictionaries"),
     C("random_hungarian_mean", "float", "`hungarian_mean` of the random control"),
     C("p_value_vs_random", "float", "permutation test of trained vs random per-seed values"),
+    C("p_value_resolution", "float", "smallest p the permutation test can give: 1 / C(n_seeds + n_random, n_seeds) "
+      "when every relabelling is enumerated, else 1 / (1 + n_perm)"),
+    C("p_value_analytic", "float", "one-sided z-test of `pwmcc` against the exact chance distribution of isotropic "
+      "dictionaries (conservative, no resolution floor; `saejax.stability.baseline.analytic_p_value`)"),
     C("cohens_d_vs_random", "float", "Cohen's d of trained vs random per-seed values"),
     C("n_random", "int", "random-control SAEs"),
     C("hungarian_mean", "float", "mean \\|cos\\| of one-to-one Hungarian-matched latents (Song et al.'s PW-MCC)"),
@@ -66,8 +71,13 @@ COLUMNS: tuple[Column, ...] = (
                                    "the held-out activations", "data"),
     C("explained_variance", "float", "held-out explained variance, mean over seeds", "data"),
     C("mse", "float", "held-out MSE per element (normalised units), mean over seeds", "data"),
+    C("random_mse", "float", "held-out MSE of the untrained control SAEs (decoder bias at the data mean), "
+      "mean over seeds: divide by `mse` for how much training gained", "data"),
+    C("random_explained_variance", "float", "held-out explained variance of the untrained control SAEs", "data"),
     C("l0", "float", "held-out mean active latents per token", "data"),
     C("dead_fraction", "float", "latents that never fired on held-out data", "data"),
+    C("resampled", "float", "latents resampled per seed, summed over the events up to this cell (`train.resample_steps`; "
+      "per event and seed in `cells/<cell>/history.json`)", "data"),
     C("train_fvu", "float", "training fraction of variance unexplained in the last logging window", "data"),
     C("ce_*", "float", "next-token (or answer) cross-entropy: `ce_clean`, `ce_zero_ablation`, "
                        "`ce_mean_ablation`, `ce_spliced` (each seed's reconstruction spliced in, mean)", "downstream"),

@@ -7,6 +7,7 @@ members and scans it over a chunk of steps. The driver is :mod:`saejax.train`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from functools import lru_cache, partial
 from typing import cast
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from saejax import archs, precision, sae
+from saejax import archs, precision, resample, sae
 from saejax.config import SAEConfig, TrainConfig
 
 METRICS = ("loss", "mse", "fvu", "l0", "aux", "sparsity", "dead_frac", "dec_norm_err")
@@ -25,6 +26,7 @@ MEMBER_AXIS = "member"  # name of the vmapped member axis inside a chunk program
 DIVERGENCE = 1e4
 """A member whose loss exceeds this many times its first-step loss has diverged: it is frozen at its
 last good step and reported as failed, like a member whose loss or parameters turn non-finite."""
+RESAMPLE_STREAM = 0x5E5A  # folded into a member's parameter key for its resampling draws
 TRACES: Counter = Counter()  # how often each chunk program was traced (tests assert on it)
 
 
@@ -38,11 +40,23 @@ class TrainState:
     ok: jax.Array  # bool: no non-finite loss so far; a failed member is frozen
     bad_step: jax.Array  # int32: first step whose loss was not finite or diverged, -1 if none
     loss0: jax.Array  # float32: the loss of the first step (the divergence reference), -1 before it
+    key: jax.Array  # the member's key for its own random draws during training (resampling)
+    resampled: jax.Array  # [max(1, len(resample_steps))] int32: latents resampled at each event
 
 
 def metric_names(sae_cfg: SAEConfig) -> tuple[str, ...]:
     """:data:`METRICS` and the architecture's own (``Arch.metrics``, e.g. Matryoshka's prefix losses)."""
     return METRICS + tuple(archs.get(sae_cfg.arch).metrics(sae_cfg))
+
+
+def sparsity_ramp(tc: TrainConfig, step: jax.Array):
+    """Multiplier of the L1/L0 coefficient at ``step`` (0-based): ``min(1, step / W)`` for
+    ``W = sparsity_warmup_steps``, 0 at the first step; SAELens' ``L1Scheduler`` (its coefficient
+    starts at 0 and reaches ``(1 + s) / W`` after step ``s``) and dictionary_learning's
+    ``min(step / sparsity_warmup_steps, 1)`` give the same sequence."""
+    if not tc.sparsity_warmup_steps:
+        return 1.0
+    return jnp.minimum(1.0, step.astype(jnp.float32) / tc.sparsity_warmup_steps)
 
 
 def lr_schedule(tc: TrainConfig, total, step: jax.Array) -> jax.Array:
@@ -70,7 +84,8 @@ def init_state(sae_cfg: SAEConfig, tc: TrainConfig, key: jax.Array, b_dec: jax.A
     return TrainState(params=params, opt=make_optimizer(tc).init(params), step=jnp.zeros((), jnp.int32),
                       since_fired=jnp.zeros(sae_cfg.d_sae, jnp.int32), threshold=jnp.full((), -1.0, jnp.float32),
                       ok=jnp.ones((), bool), bad_step=jnp.full((), -1, jnp.int32),
-                      loss0=jnp.full((), -1.0, jnp.float32))
+                      loss0=jnp.full((), -1.0, jnp.float32), key=jax.random.fold_in(key, RESAMPLE_STREAM),
+                      resampled=jnp.zeros(max(1, len(tc.resample_steps)), jnp.int32))
 
 
 def train_step(sae_cfg: SAEConfig, tc: TrainConfig, total: int, state: TrainState, x: jax.Array,
@@ -81,7 +96,7 @@ def train_step(sae_cfg: SAEConfig, tc: TrainConfig, total: int, state: TrainStat
     dead latent (see :func:`_loss_and_grads`).
     """
     x = x * scale
-    ramp = jnp.minimum(1.0, (state.step + 1) / tc.sparsity_warmup_steps) if tc.sparsity_warmup_steps else 1.0
+    ramp = sparsity_ramp(tc, state.step)
     dead = state.since_fired >= sae_cfg.dead_tokens
     (loss, (metrics, fired, min_kept)), grads = _loss_and_grads(sae_cfg, tc, state.params, x, hp, dead, ramp, axis_name)
     if sae_cfg.unit_norm_decoder:  # only the tangential part of the gradient moves a unit row
@@ -102,34 +117,48 @@ def train_step(sae_cfg: SAEConfig, tc: TrainConfig, total: int, state: TrainStat
     finite = jnp.isfinite(loss) & (loss <= DIVERGENCE * jnp.maximum(loss0, 1e-6)) & jnp.all(
         jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(params)]))
     take = active & state.ok & finite
-    new = TrainState(params=params, opt=opt, step=state.step + 1, since_fired=since, threshold=threshold, loss0=loss0,
-                     ok=state.ok & (finite | ~active),
-                     bad_step=jnp.where(state.ok & active & ~finite, state.step, state.bad_step))
+    new = dataclasses.replace(state, params=params, opt=opt, step=state.step + 1, since_fired=since, threshold=threshold, loss0=loss0,
+                              ok=state.ok & (finite | ~active),
+                              bad_step=jnp.where(state.ok & active & ~finite, state.step, state.bad_step))
     kept = jax.tree.map(lambda a, b: jnp.where(take, a, b), new, state)
-    kept = kept.replace(ok=new.ok, bad_step=new.bad_step)
+    kept = resample.maybe_resample(sae_cfg, tc, kept.replace(ok=new.ok, bad_step=new.bad_step), x, axis_name)
     metrics = dict(metrics, dead_frac=jnp.mean(kept.since_fired >= sae_cfg.dead_tokens),
                    dec_norm_err=jnp.max(jnp.abs(jnp.linalg.norm(kept.params["W_dec"], axis=1) - 1.0)))
     return kept, metrics
 
 
+SHARED_AUXK = True
+"""AuxK from the shared dead set while at most ``n_aux`` latents are dead (:class:`saejax.sae.DeadSet`);
+False forces the per-token path everywhere. Read when a program is traced (tests and benchmarks only)."""
+
+
 def _loss_and_grads(sae_cfg, tc, params, x, hp, dead, ramp, axis_name):
-    """``value_and_grad`` of :func:`saejax.sae.loss`, without AuxK's work while nothing is dead.
+    """``value_and_grad`` of :func:`saejax.sae.loss`, with AuxK's work cut to what it needs.
 
-    AuxK is exactly 0, in value and gradient, while no latent is dead, yet its top-``n_aux`` and
-    decode cost as much as the rest of a sparse step. The branch is taken on "any member has a
-    dead latent" (a ``psum`` over the vmapped member axis): a predicate shared by all members
-    keeps ``lax.cond`` a real branch under ``vmap`` instead of a select that runs both sides.
+    Three exact branches, on the largest ``need`` over the vmapped member axis (a ``pmax``: a
+    predicate shared by all members keeps ``lax.switch`` a real branch under ``vmap`` instead of
+    a select that runs every side):
+
+    0. no member has a dead latent: AuxK is exactly 0 in value and gradient, and is skipped;
+    1. every member has at most ``n_aux`` dead: each token's top-``n_aux`` among dead latents is
+       all of them, so AuxK is ``relu(pre[:, idx]) @ W_dec[idx]`` over the shared dead set ``idx``
+       (:func:`saejax.sae.dead_set`), a small dense matmul;
+    2. otherwise the per-token top-``n_aux`` (the ``[d_sae]`` mask).
     """
-    def run(cfg):
+    def run(cfg, dead_arg):
         fn = jax.value_and_grad(precision.in_compute_dtype(partial(sae.loss, cfg), tc.compute_dtype), has_aux=True)
-        return fn(params, x, hp, dead, ramp)
+        return fn(params, x, hp, dead_arg, ramp)
 
-    if sae_cfg.n_aux == 0:
-        return run(sae_cfg)
-    any_dead = jnp.any(dead).astype(jnp.int32)
+    n_aux = sae_cfg.n_aux
+    if n_aux == 0:
+        return run(sae_cfg, dead)
+    n_dead = jnp.sum(dead)
+    need = jnp.where(n_dead == 0, 0, jnp.where((n_dead <= n_aux) & SHARED_AUXK, 1, 2)).astype(jnp.int32)
     if axis_name is not None:
-        any_dead = jax.lax.psum(any_dead, axis_name)
-    return jax.lax.cond(any_dead > 0, lambda: run(sae_cfg), lambda: run(sae_cfg.replace(aux_k=0)))
+        need = jax.lax.pmax(need, axis_name)
+    return jax.lax.switch(need, [lambda: run(sae_cfg.replace(aux_k=0), dead),
+                                 lambda: run(sae_cfg, sae.dead_set(dead, n_aux)),
+                                 lambda: run(sae_cfg, dead)])
 
 
 def program_key(tc: TrainConfig) -> TrainConfig:

@@ -11,7 +11,7 @@ from saejax.schema import check_record
 
 TABLE = [("cell", "{}"), ("n_seeds", "{}"), ("pwmcc", "{:.3f}"), ("random_pwmcc", "{:.3f}"), ("pwmcc_ratio", "{:.2f}x"),
          ("hungarian_mean", "{:.3f}"), ("frac_ge_0.7", "{:.3f}"), ("explained_variance", "{:.3f}"),
-         ("l0", "{:.1f}"), ("dead_fraction", "{:.2f}")]
+         ("random_explained_variance", "{:.3f}"), ("l0", "{:.1f}"), ("dead_fraction", "{:.2f}")]
 DOWNSTREAM = [("cell", "{}"), ("pwmcc", "{:.3f}"), ("ce_clean", "{:.3f}"), ("ce_spliced", "{:.3f}"),
               ("ce_zero_ablation", "{:.3f}"), ("loss_recovered", "{:.3f}"), ("loss_recovered_ci_low", "{:.3f}"),
               ("loss_recovered_ci_high", "{:.3f}"), ("acc_clean", "{:.3f}"), ("acc_spliced", "{:.3f}"),
@@ -47,10 +47,17 @@ def write_all(exp, records: list[dict], out: Path) -> None:
     write_csv(out / "summary.csv", records)
     write_json(out / "summary.json", {"experiment": exp.name, "source": exp.source.describe(),
                                       "seeds": list(exp.seeds), "cells": records})
+    from saejax import contrasts
     from saejax.findings import findings
 
+    rows = contrasts.compute(exp.contrasts, records, out)
+    found = findings(records) + [line for line in [contrasts.finding(rows)] if line]
     md = [f"# {exp.name}", "", f"Source: {exp.source.describe()}. Seeds: {list(exp.seeds)}.", "",
-          "## Findings", "", *findings(records), "", "## Cells", "", table(records, markdown=True), "", "Columns are documented in saejax's `docs/columns.md`.", ""]
+          "## Findings", "", *found, "", "## Cells", "", table(records, markdown=True), "", "Columns are documented in saejax's `docs/columns.md`.", ""]
+    if rows:
+        write_json(out / "contrasts.json", rows)
+        md += ["## Contrasts", "", "Differences a - b with 95% seed-bootstrap CIs; p: two-sided permutation test on "
+               "per-seed scores, with the smallest p it can give.", "", contrasts.table(rows), ""]
     bad = [r for r in records if r.get("status", "ok") != "ok"]
     if bad:
         md += ["## Failed seeds and cells", "", "Failed seeds are left out of their cell's statistics "

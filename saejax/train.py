@@ -64,6 +64,8 @@ class TrainResult:
     log_steps: np.ndarray  # [n_logs] step at the end of each window
     failed: dict = field(default_factory=dict)  # member -> first bad step
     seconds: float = 0.0
+    resampled: np.ndarray | None = None  # [M, n_events] latents resampled per event (resample_steps)
+    steady_seconds: float | None = None  # training time net of compilation: steps x steady time per step
 
     @property
     def n_members(self) -> int:
@@ -77,7 +79,8 @@ class TrainResult:
             self.sae_cfg, self.train_cfg, self.seeds, (self.sweep_points[h],),
             jax.tree.map(lambda a: a[sl], self.params), self.scale, self.threshold[sl],
             self.since_fired[sl], {k: v[sl] for k, v in self.history.items()}, self.log_steps,
-            {m - h * s: st for m, st in self.failed.items() if h * s <= m < (h + 1) * s}, self.seconds)
+            {m - h * s: st for m, st in self.failed.items() if h * s <= m < (h + 1) * s}, self.seconds,
+            None if self.resampled is None else self.resampled[sl])
 
     def raw_params(self) -> dict:
         """Parameters in the units of the original activations (scale folded in)."""
@@ -184,6 +187,7 @@ def train(sae_cfg: SAEConfig, tc: TrainConfig, source: Source, seeds, *, sweep: 
     state = jax.tree.map(lambda *a: np.concatenate(a), *[p[0] for p in parts])
     history = {k: np.concatenate([p[1][k] for p in parts]) for k in metric_names(sae_cfg)}
     log_steps = parts[0][2]
+    steady = [p[3] for p in parts]
     bad = np.asarray(state.bad_step)
     failed = {int(m): int(bad[m]) for m in np.flatnonzero(bad >= 0)}
     for m, st in failed.items():
@@ -191,7 +195,9 @@ def train(sae_cfg: SAEConfig, tc: TrainConfig, source: Source, seeds, *, sweep: 
         print(f"warning: seed {s} (sweep point {h}: {points[h]}) failed at step {st} (non-finite or diverged "
               "loss or parameters); it is frozen at its last good step and left out of its cell's statistics")
     return TrainResult(sae_cfg, tc, seeds, points, state.params, scale, np.asarray(state.threshold),
-                       np.asarray(state.since_fired), history, log_steps, failed, time.perf_counter() - t0)
+                       np.asarray(state.since_fired), history, log_steps, failed, time.perf_counter() - t0,
+                       np.asarray(state.resampled)[:, :len(tc.resample_steps)] if tc.resample_steps else None,
+                       None if any(v is None for v in steady) else float(sum(v for v in steady if v is not None)))
 
 
 def _train_group(sae_cfg, tc, source, members, points, total, scale, b_dec, progress, group=0,
@@ -227,7 +233,7 @@ def _train_group(sae_cfg, tc, source, members, points, total, scale, b_dec, prog
     program = chunk_program(sae_cfg, program_key(tc), shared)
     total_dev, scale_dev = sharding.put(np.int32(total), rep), sharding.put(np.float32(scale), rep)
     bar = progress_bar(total, f"{len(members)} SAEs x {bs} tok", enabled=progress, initial=done)
-    pace, last_ckpt = _Pace(chunk, tc.log_every), done
+    pace, last_ckpt, start = _Pace(chunk, tc.log_every), done, done
     fill = lambda: _fill(its, chunk, bs, d, pace.steps(next(s for s in stops if s > done) - done), done)  # noqa: E731
     xs, act = fill() if done < total else (None, None)
     while done < total:
@@ -252,7 +258,8 @@ def _train_group(sae_cfg, tc, source, members, points, total, scale, b_dec, prog
         bar.update(n_steps)
         stop_if_requested()
     bar.close()
-    return to_host(state), history, log_steps
+    steady = None if pace.per_step is None else pace.per_step * (total - start)
+    return to_host(state), history, log_steps, steady
 
 
 def _resume(checkpoint, group, state, history, its, n, n_pad, on_members):

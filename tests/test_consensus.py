@@ -211,3 +211,5 @@ def test_consensus_runs_as_a_runner_analysis(tmp_path, monkeypatch):
     assert 0 <= cell["consensus_frac_all_0.7"] <= 1 and "consensus_random_frac_all_0.7" in cell
     full = json.loads((out / "cells" / cell["cell"] / "consensus.json").read_text())
     assert full["summary"]["consensus_frac_all_0.7"] == cell["consensus_frac_all_0.7"]
+    assert (out / "figures" / "consensus_hist.png").stat().st_size > 0
+    assert "figures/consensus_hist.png" in (out / "report.md").read_text()

@@ -17,7 +17,7 @@ CASES = {
 }
 
 
-ADDED = {"status"}
+ADDED = {"status", "p_value_resolution", "p_value_analytic", "random_mse", "random_explained_variance"}
 """Columns added since the fixtures were recorded (each documented in the summary schema)."""
 
 

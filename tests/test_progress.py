@@ -141,3 +141,21 @@ def test_a_swallowed_interrupt_still_stops_at_the_next_chunk(tmp_path):
     before = signal.getsignal(signal.SIGINT)
     assert main([str(ROOT / "experiments" / "smoke.py"), "--dry-run", "--out", str(tmp_path), "--no-progress"]) == 0
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_run_eta_uses_the_steady_training_time_from_the_first_unit():
+    """With the trainer's steady seconds, one small unit dominated by compilation and analyses
+    already predicts a large one: fixed cost once, training at the steady rate."""
+    from types import SimpleNamespace as NS
+
+    def unit(i, d_sae):
+        return NS(id=f"u{i}", n_members=5, total=100, train=NS(batch_size=10), sae=NS(d_sae=d_sae, d_in=8))
+
+    units = (unit(0, 64), unit(1, 4096))
+    clock = progress.RunClock(units)
+    steady = lambda u: 1e-6 * progress.work(u)  # noqa: E731
+    clock.unit_done(units[0], 30.0 + steady(units[0]), True, steady(units[0]))
+    assert clock.seconds_for(progress.work(units[1])) == pytest.approx(30.0 + steady(units[1]))
+    old = progress.RunClock(units)  # without it the small unit's fixed cost is scaled 64-fold: 10x too long
+    old.unit_done(units[0], 30.0 + steady(units[0]), True)
+    assert old.seconds_for(progress.work(units[1])) > 10 * (30.0 + steady(units[1]))

@@ -42,3 +42,16 @@ def test_findings_match_their_own_table():
     assert f"at most {100 * top7:.1f}% of latents" in lines[2]
     failed = findings([{"cell": "x", "status": "failed: 3 of 3 seeds"}] + records)
     assert failed[0].startswith("- 1 of 5 cells failed")
+
+
+def test_findings_name_the_permutation_floor_and_the_analytic_test():
+    from saejax.findings import findings
+
+    base = {"pwmcc_ci_low": 0.2, "pwmcc_ci_high": 0.3, "random_pwmcc": 0.25, "pwmcc_ratio": 1.0,
+            "n_seeds": 5, "n_random": 5, "p_value_resolution": 1 / 252}
+    records = [dict(base, cell="a", pwmcc=0.31, p_value_vs_random=1 / 252, p_value_analytic=1e-9),
+               dict(base, cell="b", pwmcc=0.26, p_value_vs_random=1 / 252, p_value_analytic=0.2),
+               dict(base, cell="c", pwmcc=0.25, p_value_vs_random=0.5, p_value_analytic=0.6)]
+    line = [s for s in findings(records) if "resolve only" in s][0]
+    assert "down to 0.0040" in line and "2 of 3 cells sit at that floor" in line
+    assert "puts 1 of them below 0.05/3" in line and "1.0e-09 to 2.0e-01" in line

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -10,7 +11,7 @@ import numpy as np
 
 from saejax.errors import check
 from saejax.io import to_jsonable as _plain
-from saejax.stability.baseline import random_baseline, random_dictionaries
+from saejax.stability.baseline import analytic_p_value, random_baseline, random_dictionaries
 from saejax.stability.kernel import PairStats, all_pairs, check_dictionary, check_mask, check_stack
 from saejax.stability.matching import Matching, match
 from saejax.stability.metrics import (
@@ -336,8 +337,10 @@ def _pick_examples(cands, n_ex, thr) -> dict:
 
 def _random_control(dec, trained, random_control, n_random, n_perm, key, opts, pair_block, pairs_fn=all_pairs) -> dict:
     s, n, d = dec.shape
+    pw = float(np.mean(np.asarray(trained)[np.triu_indices(s, 1)]))
     out = {"random_pwmcc_analytic": random_baseline(d, n, n), "random_pwmcc": None, "random_hungarian_mean": None,
-           "p_value_vs_random": None, "cohens_d_vs_random": None, "n_random": 0}
+           "p_value_vs_random": None, "p_value_resolution": None, "p_value_analytic": analytic_p_value(pw, d, n),
+           "cohens_d_vs_random": None, "n_random": 0}
     if random_control is False:
         out["random_pwmcc"] = out["random_pwmcc_analytic"]
         return out
@@ -360,5 +363,5 @@ def _random_control(dec, trained, random_control, n_random, n_perm, key, opts, p
     labels = np.arange(s + r) < s
     _, p = permutation_test(full, labels, n_perm=n_perm, key=key)
     out.update(random_pwmcc=float(np.mean(rand_pw[np.triu_indices(r, 1)])), random_hungarian_mean=float(np.mean(rand_match)),
-               p_value_vs_random=p, cohens_d_vs_random=cohens_d(seed_scores(trained), seed_scores(rand_pw)), n_random=r)
+               p_value_vs_random=p, p_value_resolution=1 / min(math.comb(s + r, s), 1 + n_perm), cohens_d_vs_random=cohens_d(seed_scores(trained), seed_scores(rand_pw)), n_random=r)
     return out
