@@ -45,6 +45,7 @@ def findings(records: list[dict]) -> list[str]:
             sig = [r for r in at if r["p_value_analytic"] < 0.05 / len(ok)]
             line += (f" The analytic test against the exact chance distribution (conservative, no floor) puts "
                      f"{len(sig)} of them below 0.05/{len(ok)} (Bonferroni over cells): p from "
-                     f"{min(r['p_value_analytic'] for r in at):.1e} to {max(r['p_value_analytic'] for r in at):.1e}.")
+                     f"{min(r['p_value_analytic'] for r in at):.1e} to {max(r['p_value_analytic'] for r in at):.1e}. It tests against isotropic dictionaries, so any "
+                     "anisotropy of the trained ones rejects it too: it says 'not chance', the ratio says how far.")
         out.append(line)
     return out

@@ -66,6 +66,8 @@ def analytic_p_value(pwmcc: float, d: int, n: int) -> float:
     the variance of one dictionary's mean of ``n`` row maxima. Conservative: it counts a pair's
     ``2n`` row and column maxima as only ``n`` independent values and the seed pairs as fully
     dependent, so it overstates the null variance of the mean over pairs (tested by simulation).
+    The null is isotropy: dictionaries that merely share an anisotropy (both drawn towards the
+    data's principal directions) reject it too, so read it with the ratio to chance.
     """
     mu0 = random_baseline(d, n, n)
     sd0 = np.sqrt(var_max_abs_cos(d, n) / n)
