@@ -142,8 +142,9 @@ class SAEConfig:
     """Weight of the AuxK loss."""
     dead_tokens: int = 1_000_000
     """A latent is dead if it has not fired in the last this-many training tokens."""
-    kernel: Literal["dense", "sparse"] = "dense"
-    """TopK family: ``dense`` matmuls or ``sparse`` gather/scatter-add decoding (same numbers)."""
+    kernel: Literal["auto", "dense", "sparse"] = "auto"
+    """TopK: ``dense`` matmuls or ``sparse`` gather/scatter-add decoding (same numbers); ``auto``
+    picks the faster one for the backend and shape (:func:`saejax.kernels.resolve`)."""
     matryoshka_prefixes: tuple[int, ...] | None = None
     """Matryoshka: nested prefix sizes, increasing, the last = d_sae; ``None`` = (d_sae//8, d_sae//4,
     d_sae//2, d_sae)."""
@@ -157,8 +158,8 @@ class SAEConfig:
             check(isinstance(self.k, int) and 0 < self.k < self.d_sae,
                   f"k must satisfy 0 < k < d_sae={self.d_sae}, got k={self.k!r}")
         check(self.b_dec_init in ("mean", "median", "zeros"), f"b_dec_init must be 'mean', 'median' or 'zeros', got {self.b_dec_init!r}")
-        check(self.kernel in ("dense", "sparse"), f"kernel must be 'dense' or 'sparse', got {self.kernel!r}")
-        check(self.kernel == "dense" or arch.sparse_step is not None,
+        check(self.kernel in ("auto", "dense", "sparse"), f"kernel must be 'auto', 'dense' or 'sparse', got {self.kernel!r}")
+        check(self.kernel != "sparse" or arch.sparse_step is not None,
               f"kernel='sparse' is not implemented for arch={self.arch!r}; only for "
               f"{[a.name for a in archs.REGISTRY.values() if a.sparse_step is not None]}")
         check(self.aux_k is None or self.aux_k >= 0, f"aux_k must be >= 0 or None, got {self.aux_k!r}")

@@ -265,3 +265,21 @@ def _encode_bwd(k, n_aux, res, cts):
 
 
 topk_encode.defvjp(_encode_fwd, _encode_bwd)
+
+
+AUTO_MIN_RATIO = {"cpu": 8}
+"""``kernel="auto"``: per backend, the smallest ``d_sae / k`` at which the sparse kernel is used. On
+a 2-core CPU through the public ``train()`` (dense over sparse seconds): 0.85x at d_sae/k = 2,
+1.08x at 8, 1.7-1.9x at 32. A backend not listed (not yet measured) uses the dense kernel."""
+
+
+def resolve(cfg) -> str:
+    """The kernel ``cfg`` trains with: ``cfg.kernel``, or for ``"auto"`` the measured choice for
+    this backend and shape (dense for an architecture without a sparse step)."""
+    if cfg.kernel != "auto":
+        return cfg.kernel
+    from saejax import archs
+
+    ratio = AUTO_MIN_RATIO.get(jax.default_backend())
+    sparse = archs.get(cfg.arch).sparse_step is not None and ratio is not None and cfg.d_sae >= ratio * cfg.k
+    return "sparse" if sparse else "dense"

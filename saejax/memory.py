@@ -28,7 +28,7 @@ def member_bytes(sae_cfg: SAEConfig, tc: TrainConfig) -> int:
     n_params = 2 * d * n + n + d + extra
     f32 = 4
     acts = 6 * bs * d
-    if sae_cfg.kernel == "sparse":
+    if kernels.resolve(sae_cfg) == "sparse":
         kk = sae_cfg.k + sae_cfg.n_aux
         acts += 3 * kernels.ENCODE_CHUNK * n + 8 * bs * kk + 2 * kernels.CHUNK_BYTES // f32
     else:

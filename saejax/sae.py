@@ -164,7 +164,7 @@ def loss(cfg: SAEConfig, params: dict, x: jax.Array, hp: dict, dead: jax.Array |
     part recorded under its name in ``arch.metrics(cfg)`` (see :mod:`saejax.archs_extra`).
     """
     arch = archs.get(cfg.arch)
-    if cfg.kernel == "sparse":
+    if kernels.resolve(cfg) == "sparse":
         assert arch.sparse_step is not None  # SAEConfig only allows kernel="sparse" for an arch with one
         st = arch.sparse_step(cfg, params, x, dead)
     else:

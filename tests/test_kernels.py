@@ -198,3 +198,24 @@ def test_auto_split_equals_one_group(monkeypatch, capsys):
     assert rel_err(split.params, one.params) <= 1e-6
     np.testing.assert_allclose(split.history["loss"], one.history["loss"], rtol=1e-6)
     assert np.max(one.history["aux"]) > 0  # AuxK ran, in some groups earlier than in others
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka"])
+def test_auto_kernel_is_the_measured_choice_and_equals_dense(arch):
+    """``kernel="auto"`` (the default) picks sparse on the CPU for TopK at d_sae >= 8k, dense where
+    the sparse kernel lost or does not exist, and gives the dense path's loss and gradients."""
+    cfg, p, x, rng = random_problem()  # d_sae 96, k 5: ratio 19.2
+    cfg = cfg.replace(arch=arch)
+    assert SAEConfig(d_in=8, d_sae=32, k=4).kernel == "auto"
+    assert kernels.resolve(cfg) == ("sparse" if arch == "topk" else "dense")
+    assert kernels.resolve(cfg.replace(k=13)) == "dense"  # 96 < 8 x 13: the dense kernel won there
+    assert kernels.resolve(cfg.replace(kernel="dense")) == "dense"
+    dead = jnp.asarray(rng.random(96) < 0.3)
+    outs = {}
+    for kernel in ("dense", "auto"):
+        fn = jax.jit(jax.value_and_grad(partial(sae.loss, cfg.replace(kernel=kernel)), has_aux=True))
+        outs[kernel] = fn(p, x, HP, dead, 1.0)
+    (l_d, _), g_d = outs["dense"]
+    (l_a, _), g_a = outs["auto"]
+    np.testing.assert_allclose(l_a, l_d, rtol=1e-6)
+    assert rel_err(g_a, g_d) < 1e-5
