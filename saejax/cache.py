@@ -59,6 +59,28 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(xdg) / "saejax"
 
 
+COMPILE_MIN_SECONDS = 0.2  # programs that compile faster are not worth a disk round trip
+
+
+def use_compile_cache(cache_dir: str | os.PathLike | None = None) -> Path | None:
+    """Keep compiled XLA programs in ``<cache root>/xla`` (JAX's persistent compilation cache), so a
+    re-run, or a second experiment with the same shapes, compiles nothing again; call it before the
+    first compilation. A directory the user chose (``JAX_COMPILATION_CACHE_DIR``) is kept;
+    ``SAEJAX_COMPILE_CACHE=0`` turns it off. Returns the directory in use, or ``None``."""
+    import jax
+
+    if os.environ.get("SAEJAX_COMPILE_CACHE", "1") == "0":
+        return None
+    chosen = jax.config.values.get("jax_compilation_cache_dir")
+    if chosen:
+        return Path(chosen)
+    path = cache_root(cache_dir) / "xla"
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", COMPILE_MIN_SECONDS)
+    return path
+
+
 def fingerprint_key(fingerprint: dict) -> str:
     """Stable 20-hex-digit hash of a JSON-serialisable fingerprint (key order does not matter)."""
     blob = json.dumps(fingerprint, sort_keys=True, separators=(",", ":"), default=str)
@@ -301,8 +323,13 @@ class CachedActivations:
         return self.take(np.arange(start, stop))
 
     def take(self, rows: np.ndarray) -> np.ndarray:
-        """Rows at sorted global indices ``rows``, gathered shard by shard, as float32."""
+        """Rows at global indices ``rows`` (any order), gathered shard by shard, as float32."""
         rows = np.asarray(rows, dtype=np.int64)
+        if rows.size > 1 and not (np.diff(rows) >= 0).all():
+            order = np.argsort(rows, kind="stable")
+            out = np.empty((len(rows), self.d_in), np.float32)
+            out[order] = self.take(rows[order])
+            return out
         out = np.empty((len(rows), self.d_in), np.float32)
         cuts = np.searchsorted(rows, self._starts)
         for i, shard in enumerate(self.shards):
@@ -317,10 +344,7 @@ class CachedActivations:
 
     def batches(self, batch_size: int, *, seed: int) -> Iterator[np.ndarray]:
         for idx in epoch_indices(self.n_tokens, batch_size, seed=seed):
-            order = np.argsort(idx, kind="stable")
-            out = np.empty((len(idx), self.d_in), np.float32)
-            out[order] = self.take(idx[order])
-            yield out
+            yield self.take(idx)
 
     def extra(self, name: str) -> np.ndarray:
         """A side array stored with the entry (``"tokens"``: contexts ``[n, L]``, ``"mask"``: which

@@ -7,6 +7,9 @@ A source is a small object with this protocol (see :class:`Source`):
 - ``batches(batch_size, *, seed)``: an endless iterator of ``[batch_size, d_in]`` float32 numpy
   arrays. Finite sources walk a fresh permutation of the training tokens each epoch, drawn from
   ``(seed, epoch)``, so the same seed gives the same order on every machine.
+- ``take(rows)`` (optional): the training rows at indices ``rows``, any order; a finite source
+  with it gets whole chunks of batches in one call (``batches`` is then ``take`` of
+  :class:`IndexStream`'s order, and the trainer relies on that).
 - ``heldout()``: a fixed ``[n, d_in]`` evaluation split, never trained on.
 - ``true_dictionary``: ``[n_features, d_in]`` ground-truth directions, or ``None``.
 
@@ -54,22 +57,71 @@ class SourcePlan:
     """One line saying what is missing to build it here (e.g. a model not downloaded while offline)."""
 
 
-def epoch_indices(n: int, batch_size: int, *, seed: int) -> Iterator[np.ndarray]:
-    """Endless stream of index batches over ``range(n)``: one fresh permutation per epoch.
+class IndexStream:
+    """The training order over ``range(n)``: one fresh permutation per epoch (drawn from ``(seed,
+    epoch)``), concatenated; :meth:`next` hands out the next ``count`` indices, so a whole chunk of
+    batches is one call (batches run across epoch boundaries: every batch is full, no token skipped)."""
 
-    Batches run across epoch boundaries, so every batch is full and no token is skipped.
-    """
+    def __init__(self, n: int, *, seed: int):
+        check(n > 0, "the source has no training tokens")
+        self.n, self.seed, self.epoch = n, seed, 0
+        self.buf = np.empty(0, dtype=np.int64)
+
+    def next(self, count: int) -> np.ndarray:
+        parts, have = [self.buf], self.buf.size
+        while have < count:
+            parts.append(np.random.default_rng([self.seed, self.epoch]).permutation(self.n))
+            have += self.n
+            self.epoch += 1
+        buf = np.concatenate(parts) if len(parts) > 1 else self.buf
+        out, self.buf = buf[:count], buf[count:]
+        return out
+
+    def skip(self, count: int) -> None:
+        """Advance past ``count`` indices without drawing the whole epochs in between."""
+        if count <= self.buf.size:
+            self.buf = self.buf[count:]
+            return
+        count -= self.buf.size
+        self.epoch += count // self.n
+        self.buf = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)[count % self.n:]
+        self.epoch += 1
+
+
+class Stream:
+    """``source.batches(batch_size, seed=seed)``, a chunk at a time: :meth:`fill` writes the next
+    ``len(out)`` batches into ``out`` (``[n, batch_size, d_in]``) with one ``take`` where the source
+    has it (a vectorised gather, no loop over steps), else batch by batch; the same numbers either way."""
+
+    def __init__(self, source: Source, batch_size: int, *, seed: int):
+        self.source, self.bs = source, batch_size
+        n = source.n_tokens
+        self.order = IndexStream(n, seed=seed) if n and callable(getattr(source, "take", None)) else None
+        self.it = None if self.order is not None else source.batches(batch_size, seed=seed)
+
+    def fill(self, out: np.ndarray) -> None:
+        if self.order is not None:
+            out.reshape(-1, out.shape[-1])[:] = self.source.take(self.order.next(len(out) * self.bs))  # type: ignore[attr-defined]
+            return
+        assert self.it is not None
+        for t in range(len(out)):
+            out[t] = next(self.it)
+
+    def skip(self, steps: int) -> None:
+        if self.order is not None:
+            self.order.skip(steps * self.bs)
+            return
+        assert self.it is not None
+        for _ in range(steps):
+            next(self.it)
+
+
+def epoch_indices(n: int, batch_size: int, *, seed: int) -> Iterator[np.ndarray]:
+    """Endless stream of index batches over ``range(n)`` in :class:`IndexStream`'s order."""
     check(batch_size > 0, f"batch_size must be positive, got {batch_size}")
-    check(n > 0, "the source has no training tokens")
-    buf = np.empty(0, dtype=np.int64)
-    epoch = 0
+    stream = IndexStream(n, seed=seed)
     while True:
-        while buf.size < batch_size:
-            perm = np.random.default_rng([seed, epoch]).permutation(n)
-            buf = np.concatenate([buf, perm])
-            epoch += 1
-        yield buf[:batch_size]
-        buf = buf[batch_size:]
+        yield stream.next(batch_size)
 
 
 def check_finite(x: np.ndarray, what: str) -> None:
@@ -104,9 +156,13 @@ class ArraySource:
     def n_tokens(self) -> int:
         return self.train.shape[0]
 
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Training rows at indices ``rows`` (any order)."""
+        return np.take(self.train, rows, axis=0)
+
     def batches(self, batch_size: int, *, seed: int) -> Iterator[np.ndarray]:
         for idx in epoch_indices(self.n_tokens, batch_size, seed=seed):
-            yield self.train[idx]
+            yield self.take(idx)
 
     def heldout(self) -> np.ndarray:
         assert self.held is not None  # __post_init__ fills it from the training rows

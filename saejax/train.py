@@ -22,7 +22,7 @@ import numpy as np
 
 from saejax import archs, precision, sae, sharding
 from saejax.config import SAEConfig, TrainConfig, check_seeds, closest
-from saejax.data import Source
+from saejax.data import Source, Stream
 from saejax.errors import ConfigError, check, stop_if_requested
 from saejax.memory import auto_group_size, member_bytes, memory_budget  # noqa: F401  (re-exported)
 from saejax.progress import bar as progress_bar
@@ -112,13 +112,12 @@ def _init_sample(source: Source, tc: TrainConfig) -> np.ndarray:
     return np.asarray(next(it), np.float32)
 
 
-def _fill(its, chunk: int, bs: int, d: int, n: int, start: int) -> tuple[np.ndarray, np.ndarray]:
-    """The next ``n`` steps' batches, padded to ``[len(its), chunk, B, d]``, and the mask of real
+def _fill(streams, chunk: int, bs: int, d: int, n: int, start: int) -> tuple[np.ndarray, np.ndarray]:
+    """The next ``n`` steps' batches, padded to ``[len(streams), chunk, B, d]``, and the mask of real
     (non-padding) steps; ``start`` is the number of steps already trained (for the error message)."""
-    xs = np.zeros((len(its), chunk, bs, d), np.float32)
-    for i, it in enumerate(its):
-        for t in range(n):
-            xs[i, t] = next(it)
+    xs = np.zeros((len(streams), chunk, bs, d), np.float32)
+    for i, stream in enumerate(streams):
+        stream.fill(xs[i, :n])
     finite = np.isfinite(xs).all(axis=(0, 2, 3))
     if not finite.all():
         step = start + int(np.argmin(finite)) + 1
@@ -224,9 +223,9 @@ def _train_group(sae_cfg, tc, source, members, points, total, scale, b_dec, prog
         return sharding.put(xs.astype(low) if low != jnp.float32 else xs, x_spec)
 
     chunk = _chunk_len(tc, d, 1 if shared else len(members))
-    its = _iterators(source, tc, members)
+    streams = _streams(source, tc, members)
     history = {k: np.zeros((n, 0), np.float32) for k in metric_names(sae_cfg)}
-    done, state, history, log_steps = _resume(checkpoint, group, state, history, its, n, n_pad, on_members)
+    done, state, history, log_steps = _resume(checkpoint, group, state, history, streams, n, n_pad, on_members)
     stops = sorted({int(s) for s in stops if done <= s <= total} | {total})
     if stops[0] == 0 and done == 0 and on_stop is not None:
         on_stop(group, 0, to_host(state))
@@ -234,7 +233,7 @@ def _train_group(sae_cfg, tc, source, members, points, total, scale, b_dec, prog
     total_dev, scale_dev = sharding.put(np.int32(total), rep), sharding.put(np.float32(scale), rep)
     bar = progress_bar(total, f"{len(members)} SAEs x {bs} tok", enabled=progress, initial=done)
     pace, last_ckpt, start = _Pace(chunk, tc.log_every), done, done
-    fill = lambda: _fill(its, chunk, bs, d, pace.steps(next(s for s in stops if s > done) - done), done)  # noqa: E731
+    fill = lambda: _fill(streams, chunk, bs, d, pace.steps(next(s for s in stops if s > done) - done), done)  # noqa: E731
     xs, act = fill() if done < total else (None, None)
     while done < total:
         state, m = program(state, put_x(xs), sharding.put(act, rep), hp, scale_dev, total_dev)
@@ -262,18 +261,33 @@ def _train_group(sae_cfg, tc, source, members, points, total, scale, b_dec, prog
     return to_host(state), history, log_steps, steady
 
 
-def _resume(checkpoint, group, state, history, its, n, n_pad, on_members):
+def _resume(checkpoint, group, state, history, streams, n, n_pad, on_members):
     """``(done, state, history, log_steps)`` from the group's last checkpoint (iterators advanced
-    past the batches already trained on: the data order is deterministic), or a fresh start."""
+    past the batches already trained on: the data order is deterministic), or a fresh start.
+    Several processes resume from process 0's checkpoint, whatever their own files hold."""
     like = jax.tree.map(lambda a: jax.ShapeDtypeStruct((n, *a.shape[1:]), a.dtype), state)
     saved = None if checkpoint is None else checkpoint.restore(group, like)
+    if jax.process_count() > 1:
+        saved = _main_checkpoint(saved, like, list(history))
     if saved is None:
         return 0, state, history, np.zeros(0, np.int64)
     done, state, history, log_steps = saved
-    for it in its:
-        for _ in range(done):
-            next(it)
+    for stream in streams:
+        stream.skip(done)
     return done, sharding.put_tree(sharding.pad_members(sharding.to_host(state), n_pad), on_members), history, log_steps
+
+
+def _main_checkpoint(saved, like, names):
+    step = sharding.agree(-1 if saved is None else saved[0])
+    if step < 0:
+        return None
+    n_logs = sharding.agree(0 if saved is None else len(saved[3]))
+    n = jax.tree.leaves(like)[0].shape[0]
+    zeros = (jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), like),
+             {k: np.zeros((n, n_logs), np.float32) for k in names}, np.zeros(n_logs, np.int32))
+    mine = zeros if saved is None else (sharding.to_host(saved[1]), saved[2], np.asarray(saved[3], np.int32))
+    state, history, log_steps = sharding.from_main(mine, zeros)
+    return step, state, history, log_steps.astype(np.int64)
 
 
 def _init_members(sae_cfg, tc, members, points, b_dec, n_pad, on_members, rep):
@@ -294,11 +308,11 @@ def _chunk_len(tc: TrainConfig, d: int, n_streams: int) -> int:
     return chunk - chunk % tc.log_every
 
 
-def _iterators(source, tc: TrainConfig, members) -> list:
+def _streams(source, tc: TrainConfig, members) -> list[Stream]:
     if tc.same_data_order:
-        return [source.batches(tc.batch_size, seed=tc.data_seed)]
+        return [Stream(source, tc.batch_size, seed=tc.data_seed)]
     # each seed its own order; swept copies of a seed see that same order
-    return [source.batches(tc.batch_size, seed=own_order_seed(tc.data_seed, s)) for _, s in members]
+    return [Stream(source, tc.batch_size, seed=own_order_seed(tc.data_seed, s)) for _, s in members]
 
 
 def own_order_seed(data_seed: int, seed: int) -> int:

@@ -53,6 +53,31 @@ def test_round_trip_is_exact_and_batches_match_an_in_memory_source(tmp_path):
     assert not np.array_equal(next(src.batches(64, seed=4)), next(src.batches(64, seed=3)))
     rows = np.array([0, 0, 2, 130, 131, 131, 999])  # sorted, with repeats (batches that straddle epochs)
     np.testing.assert_array_equal(src.take(rows), arr[rows])
+    np.testing.assert_array_equal(src.take(rows[::-1]), arr[rows[::-1]])  # and in any order
+
+
+@pytest.mark.parametrize("kind", ["array", "cache"])
+def test_chunked_stream_equals_the_batch_iterator(tmp_path, kind):
+    """The trainer's whole-chunk gathers (one ``take`` per chunk) give exactly the batches of
+    ``batches()``, in order, across epoch boundaries; ``skip`` (resuming) equals consuming."""
+    from saejax.data import Stream
+
+    arr = np.random.default_rng(5).standard_normal((700, 6)).astype(np.float32)
+    src = ArraySource(arr) if kind == "array" else C.CachedActivations(write_entry(tmp_path, arr, 128), n_heldout=50)
+    it, stream = src.batches(64, seed=9), Stream(src, 64, seed=9)
+    assert stream.order is not None  # the vectorised path
+    for n in (3, 1, 17, 5):  # 26 steps: > 2 epochs of 650-700 rows
+        out = np.empty((n, 64, 6), np.float32)
+        stream.fill(out)
+        np.testing.assert_array_equal(out, np.stack([next(it) for _ in range(n)]))
+    for skip in (0, 4, 30):  # within the buffer, and whole epochs ahead
+        ahead, ref = Stream(src, 64, seed=9), src.batches(64, seed=9)
+        ahead.skip(skip)
+        for _ in range(skip):
+            next(ref)
+        out = np.empty((2, 64, 6), np.float32)
+        ahead.fill(out)
+        np.testing.assert_array_equal(out, np.stack([next(ref), next(ref)]))
 
 
 def test_float16_storage_and_memmap_reads(tmp_path):

@@ -129,6 +129,29 @@ def test_own_data_order_per_seed():
     assert rel_err(jax.tree.map(lambda a: a[1], shared.params), jax.tree.map(lambda a: a[1], both.params)) > 1e-3
 
 
+class _NoTake:
+    """A source with only ``batches()`` (a generator): the trainer's batch-by-batch path."""
+
+    def __init__(self, src):
+        self.src, self.d_in, self.n_tokens, self.true_dictionary = src, src.d_in, src.n_tokens, None
+
+    def batches(self, batch_size, *, seed):
+        return self.src.batches(batch_size, seed=seed)
+
+    def heldout(self):
+        return self.src.heldout()
+
+
+def test_vectorised_batches_equal_the_batch_iterator():
+    x = np.random.default_rng(3).standard_normal((500, 16)).astype(np.float32)  # 500 rows: epochs end mid-chunk
+    cfg = cfg_for("topk")
+    tc = TrainConfig(batch_size=64, steps=30, log_every=10, chunk_steps=20, same_data_order=False)
+    fast = train(cfg, tc, ArraySource(x), [0, 1], progress=False)
+    slow = train(cfg, tc, _NoTake(ArraySource(x)), [0, 1], progress=False)
+    assert rel_err(fast.params, slow.params) == 0.0
+    np.testing.assert_array_equal(fast.history["loss"], slow.history["loss"])
+
+
 def test_nan_seed_is_reported_and_isolated(capsys):
     cfg = cfg_for("relu")
     tc = TrainConfig(batch_size=128, steps=50, lr=1e-3, log_every=10)
