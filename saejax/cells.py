@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saejax import sae, stability
+from saejax import sae, sharding, stability
 from saejax.checkpoint import Checkpointer
 from saejax.data import Source
 from saejax.errors import ConfigError, stop_if_requested
@@ -142,6 +142,10 @@ def run_unit(exp: Experiment, unit: Unit, source, store: RunStore, *, progress: 
     is called once training is done (the runner's clock reads the steady training time)."""
     udir = store.unit_dir(unit.id, unit_key(exp, unit))
     done = store.done(udir)
+    if sharding.agree(done is not None) != (done is not None):  # several processes: process 0 decides
+        if done is None:  # only this process's own copy lacks the unit; process 0 has its results
+            return []
+        done = None  # process 0 trains it again, and every process takes part
     if done is not None:
         return done
     lengths_steps = {c.step for c in unit.cells}

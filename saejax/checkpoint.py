@@ -8,6 +8,7 @@ kill or a full disk); when none can, one line names the directory to delete.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -17,7 +18,8 @@ from saejax.errors import ConfigError
 
 
 class Checkpointer:
-    """Saves ``(step, state, history, log_steps)`` per member group every ``every`` steps."""
+    """Saves ``(step, state, history, log_steps)`` per member group every ``every`` steps; in a
+    multi-process run, on process 0 only."""
 
     def __init__(self, directory: str | Path, every: int):
         self.directory = Path(directory).absolute()
@@ -28,13 +30,23 @@ class Checkpointer:
         import orbax.checkpoint as ocp
 
         if group not in self._managers:
-            opts = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
+            # process 0 alone reads and writes checkpoints (the others get its state from
+            # saejax.train), so Orbax's barriers must not wait for the other processes
+            solo = ocp.options.MultiprocessingOptions(primary_host=0, active_processes={0})
+            opts = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False,
+                                                multiprocessing_options=solo if jax.process_count() > 1 else
+                                                ocp.options.MultiprocessingOptions())
+            if jax.process_count() > 1:  # Orbax does not create it with active_processes set
+                opts = dataclasses.replace(opts, create=False)
+                (self.directory / f"group{group}").mkdir(parents=True, exist_ok=True)
             self._managers[group] = ocp.CheckpointManager(self.directory / f"group{group}", options=opts)
         return self._managers[group]
 
     def save(self, group: int, step: int, state, history: dict, log_steps: np.ndarray) -> None:
         import orbax.checkpoint as ocp
 
+        if jax.process_index() != 0:
+            return
         logs = {"history": history, "log_steps": np.asarray(log_steps)}
         mngr = self._manager(group)
         mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -45,7 +57,7 @@ class Checkpointer:
         """``(step, state, history, log_steps)`` of the latest save, or None."""
         import orbax.checkpoint as ocp
 
-        if not (self.directory / f"group{group}").exists():
+        if jax.process_index() != 0 or not (self.directory / f"group{group}").exists():
             return None
         mngr = self._manager(group)
         steps = sorted(mngr.all_steps(), reverse=True)

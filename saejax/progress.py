@@ -2,8 +2,11 @@
 and at the end where the time went.
 
 The ETA weighs each unit by its work, ``members x steps x batch x d_sae x d_in`` (what a dense
-step costs), at the seconds per unit of work measured on the units already trained; before the
-first one finishes it says so instead of guessing.
+step costs), at the seconds per unit of work measured on the units already trained of the same
+architecture where there are some (a TopK step costs far more than a ReLU step of the same work
+on a CPU: the top-k), of any architecture before; before the first unit finishes it says so
+instead of guessing. The runner trains the architectures in turn (:func:`run_order`) so that each
+is measured early.
 """
 
 from __future__ import annotations
@@ -19,6 +22,20 @@ def _fmt(seconds: float) -> str:
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
+def _arch(unit) -> str | None:
+    return getattr(unit.sae, "arch", None)
+
+
+def run_order(units) -> list[int]:
+    """Indices of ``units`` in training order: the architectures in turn, each in its plan order
+    (topk, relu, topk, relu, ...), so the ETA has measured every architecture after a few units."""
+    by_arch: dict = {}
+    for i, u in enumerate(units):
+        by_arch.setdefault(_arch(u), []).append(i)
+    queues = list(by_arch.values())
+    return [q[j] for j in range(max(map(len, queues), default=0)) for q in queues if j < len(q)]
+
+
 def work(unit) -> float:
     return float(unit.n_members) * unit.total * unit.train.batch_size * unit.sae.d_sae * unit.sae.d_in
 
@@ -28,23 +45,25 @@ class RunClock:
     units: tuple
     t0: float = field(default_factory=time.perf_counter)
     stages: list = field(default_factory=list)
-    measured: list = field(default_factory=list)  # (work, seconds, steady seconds or None) per unit trained
+    measured: list = field(default_factory=list)  # (work, seconds, steady seconds or None, arch) per unit trained
 
     def stage(self, name: str, seconds: float) -> None:
         self.stages.append((name, seconds))
 
-    def seconds_for(self, w: float) -> float:
+    def seconds_for(self, w: float, arch: str | None = None) -> float:
         """Predicted seconds of a unit of work ``w``, so that a unit's fixed cost (compilation,
         analyses) is not scaled by its size: where the trainer measured its steady time per step,
         the mean fixed cost (unit time minus steady training time) plus ``w`` at the measured
         steady seconds per unit of work; else ``a + b w`` fitted by least squares to the units
-        trained so far, proportional to work with one size only or where the fit gives a negative term."""
-        steady = [m for m in self.measured if m[2] is not None]
+        trained so far, proportional to work with one size only or where the fit gives a negative term.
+        Only units of ``arch`` count where one has been measured."""
+        measured = [m for m in self.measured if m[3] == arch] or self.measured
+        steady = [m for m in measured if m[2] is not None]
         if steady:
             rate = sum(m[2] for m in steady) / max(sum(m[0] for m in steady), 1e-30)
             return float(np.mean([max(m[1] - m[2], 0.0) for m in steady]) + rate * w)
-        ws = np.array([m[0] for m in self.measured])
-        ts = np.array([m[1] for m in self.measured])
+        ws = np.array([m[0] for m in measured])
+        ts = np.array([m[1] for m in measured])
         if len(set(ws.tolist())) >= 2:
             b, a = np.polyfit(ws, ts, 1)
             if b >= 0 and a >= 0:
@@ -54,13 +73,13 @@ class RunClock:
     def eta(self, remaining_units) -> str:
         if not self.measured:
             return "ETA after the first unit"
-        return f"ETA {_fmt(sum(self.seconds_for(work(u)) for u in remaining_units))}"
+        return f"ETA {_fmt(sum(self.seconds_for(work(u), _arch(u)) for u in remaining_units))}"
 
     def unit_done(self, unit, seconds: float, trained: bool, steady: float | None = None) -> None:
         """``steady``: the unit's training seconds net of compilation (``TrainResult.steady_seconds``)."""
         self.stage(unit.id, seconds)
         if trained:
-            self.measured.append((work(unit), seconds, steady))
+            self.measured.append((work(unit), seconds, steady, _arch(unit)))
 
     def line(self, i: int, unit) -> str:
         elapsed = time.perf_counter() - self.t0

@@ -38,7 +38,7 @@ def parse_args(argv, prog: str = "python -m saejax.run"):
 def writable_dir(path: Path, what: str) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
+        probe = path / f".write-test-{os.getpid()}"  # one per process: several may check at once
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
@@ -85,6 +85,13 @@ def main(argv=None, prog: str = "python -m saejax.run") -> int:
         print(f"error: no space left on the device writing {where}; finished results are intact, "
               "free some space and run the same command to resume", file=sys.stderr)
         return 2
+    except Exception as e:
+        if not _lost_a_process(e):
+            raise
+        print(f"error: another process of this {_n_processes()}-process run stopped ({str(e).splitlines()[0][:200]}); "
+              "finished cells and the last checkpoint are kept: start every process again to resume", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(1)  # no interpreter teardown: jax.distributed's shutdown would wait for the lost peer
     except KeyboardInterrupt:
         print("\ninterrupted: finished cells and the last checkpoint are kept; run the same command to resume",
               file=sys.stderr)
@@ -95,10 +102,12 @@ def main(argv=None, prog: str = "python -m saejax.run") -> int:
 
 
 def _main(args) -> int:
-    from saejax import experiment
+    from saejax import experiment, sharding
     from saejax.cells import check_analyses
     from saejax.store import RunStore
 
+    if not args.dry_run:  # joins a multi-process job before anything touches a device (the plan does)
+        sharding.maybe_initialize_distributed()
     exp = experiment.apply_overrides(experiment.load(args.experiment), args.set)
     cache_dir = Path(args.cache_dir).absolute() if args.cache_dir else None
     check_analyses(exp, cache_dir)
@@ -115,25 +124,27 @@ def _main(args) -> int:
 
 def _run(args, exp, plan, store, cache_dir) -> int:
     from saejax import sharding
-    from saejax.cache import cache_root
+    from saejax.cache import cache_root, use_compile_cache
 
     if args.verbose:
         from saejax import hf_models
 
         hf_models.VERBOSE = True
 
-    sharding.maybe_initialize_distributed()
     if not sharding.is_main_process():  # every host computes the same; only process 0 writes the results
         import jax
 
         store = type(store)(store.out / f".process{jax.process_index()}")
     writable_dir(cache_root(cache_dir), "cache directory")
+    use_compile_cache(cache_dir)  # before the first compilation
     writable_dir(store.out, "output directory")
     with store.lock(wait=args.wait):
         if args.fresh:
             store.clear()
         store.remove_partial_writes()
-        return _train_all(args, exp, plan, store, cache_dir)
+        code = _train_all(args, exp, plan, store, cache_dir)
+    sharding.sync("saejax run finished")  # no process exits while another still needs the coordinator
+    return code
 
 
 def _train_all(args, exp, plan, store, cache_dir) -> int:
@@ -143,9 +154,10 @@ def _train_all(args, exp, plan, store, cache_dir) -> int:
     from saejax.cells import run_unit
     from saejax.data import check_finite
     from saejax.plan import unit_key
-    from saejax.progress import RunClock
+    from saejax.progress import RunClock, run_order
 
-    clock = RunClock(plan.units)
+    order = run_order(plan.units)
+    clock = RunClock(tuple(plan.units[u] for u in order))
     print(f"building the source: {exp.source.describe()}", flush=True)
     t = time.perf_counter()
     source = exp.source.build(cache_dir, progress=not args.no_progress)
@@ -156,8 +168,9 @@ def _train_all(args, exp, plan, store, cache_dir) -> int:
     # held-out rows are first used after training: a NaN there is found now (a cache names itself and the row)
     check_finite(np.asarray(source.heldout()[: exp.heldout_tokens], np.float32),
                  f"the held-out split of {exp.source.describe()}")
-    records, last_mesh = [], None
-    for i, unit in enumerate(plan.units, 1):
+    by_unit, last_mesh = {}, None
+    for i, u in enumerate(order, 1):  # architectures in turn; results in plan order
+        unit = plan.units[u]
         mesh = sharding.describe_mesh(n_members=unit.n_members, batch_size=unit.train.batch_size,
                                       shape=unit.train.mesh_shape)
         print(clock.line(i, unit) + (f"  {mesh}" if mesh != last_mesh else ""), flush=True)
@@ -165,10 +178,11 @@ def _train_all(args, exp, plan, store, cache_dir) -> int:
         t = time.perf_counter()
         trained = store.status(store.unit_dir(unit.id, unit_key(exp, unit))) != "done"
         steady = []
-        records += run_unit(exp, unit, source, store, progress=not args.no_progress, cache_dir=cache_dir,
-                            on_trained=lambda r: steady.append(r.steady_seconds))
+        by_unit[u] = run_unit(exp, unit, source, store, progress=not args.no_progress, cache_dir=cache_dir,
+                              on_trained=lambda r: steady.append(r.steady_seconds))
         clock.unit_done(unit, time.perf_counter() - t, trained, steady[0] if steady else None)
     t = time.perf_counter()
+    records = [r for u in range(len(plan.units)) for r in by_unit[u]]
     summary.write_all(exp, records, store.out)
     from saejax.explorer import write_explorer
 
@@ -181,9 +195,19 @@ def _train_all(args, exp, plan, store, cache_dir) -> int:
     return 0
 
 
+def _n_processes() -> int:
+    jax = sys.modules.get("jax")
+    return jax.process_count() if jax is not None and jax.distributed.is_initialized() else 1
+
+
+def _lost_a_process(e: BaseException) -> bool:
+    """A collective or the coordination service failed because a peer process is gone."""
+    return type(e).__name__ == "JaxRuntimeError" and _n_processes() > 1
+
+
 def exit_with(code: int):
     """Exit with ``code``; an interrupted run (130) skips interpreter teardown, which can hang
-    under live XLA/Orbax threads mid-computation."""
+    under live XLA/Orbax threads mid-computation (or a lost peer process)."""
     if code == 130:
         sys.stdout.flush()
         sys.stderr.flush()

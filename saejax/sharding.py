@@ -77,14 +77,23 @@ def maybe_initialize_distributed(env=None, **kwargs) -> bool:
     """Call ``jax.distributed.initialize(**kwargs)`` if :func:`distributed_reason` says so.
 
     Must run before anything touches a JAX device (``jax.devices()`` included); JAX then detects
-    the coordinator, process count and id itself on TPU pods, SLURM and Open MPI. Returns whether
-    this process is (now) part of a multi-process job; calling it twice is harmless.
+    the coordinator, process count and id itself on TPU pods, SLURM and Open MPI. Elsewhere (several
+    processes started by hand, one machine or many) give ``JAX_COORDINATOR_ADDRESS=host:port``,
+    ``SAEJAX_NUM_PROCESSES`` and ``SAEJAX_PROCESS_ID`` to every process. CPU processes talk over
+    Gloo (TCP). Returns whether this process is (now) part of a multi-process job; calling it
+    twice is harmless.
     """
     if jax.distributed.is_initialized():
         return True
+    env = os.environ if env is None else env
     reason = distributed_reason(env)
     if reason is None:
         return False
+    for key, name in (("num_processes", "SAEJAX_NUM_PROCESSES"), ("process_id", "SAEJAX_PROCESS_ID")):
+        if name in env and key not in kwargs:
+            check(env[name].strip().isdigit(), f"{name} must be a non-negative integer, got {env[name]!r}")
+            kwargs[key] = int(env[name])
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices of several processes
     jax.distributed.initialize(**kwargs)
     if is_main_process():
         print(f"jax.distributed initialised ({reason}): {jax.process_count()} processes")
@@ -94,6 +103,35 @@ def maybe_initialize_distributed(env=None, **kwargs) -> bool:
 def is_main_process() -> bool:
     """True on process 0 only: the one that writes results, figures and checkpoints."""
     return jax.process_index() == 0
+
+
+def agree(value: int) -> int:
+    """Process 0's integer ``value`` on every process (a decision, such as where to resume, that
+    every process must take alike; each one's own files may disagree after a crash)."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def sync(name: str) -> None:
+    """Wait until every process gets here (before exiting: process 0 hosts the coordinator)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def from_main(tree, like):
+    """Process 0's pytree of host arrays on every process; ``like`` (same shapes and dtypes) is what
+    the other processes pass in."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    out = multihost_utils.broadcast_one_to_all(tree if is_main_process() else like)
+    return jax.tree.map(lambda o, a: np.asarray(o).astype(np.asarray(a).dtype), out, like)
 
 
 def process_slice(n: int, *, index: int | None = None, count: int | None = None) -> slice:

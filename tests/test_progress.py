@@ -159,3 +159,27 @@ def test_run_eta_uses_the_steady_training_time_from_the_first_unit():
     old = progress.RunClock(units)  # without it the small unit's fixed cost is scaled 64-fold: 10x too long
     old.unit_done(units[0], 30.0 + steady(units[0]), True)
     assert old.seconds_for(progress.work(units[1])) > 10 * (30.0 + steady(units[1]))
+
+
+def test_eta_rates_are_per_architecture_and_the_run_order_alternates_them():
+    """A TopK step costs several ReLU steps of the same work on a CPU; measured on TopK units only,
+    ReLU units would be predicted far too long. The runner trains the architectures in turn, and
+    the ETA uses the rate of a unit's own architecture once one is measured."""
+    from types import SimpleNamespace as NS
+
+    def unit(arch, d_sae):
+        return NS(id=f"{arch}{d_sae}", n_members=5, total=100, train=NS(batch_size=10),
+                  sae=NS(d_sae=d_sae, d_in=8, arch=arch))
+
+    units = tuple(unit(a, w) for a in ("topk", "relu") for w in (64, 256, 1024))
+    order = progress.run_order(units)
+    assert [units[i].id for i in order] == ["topk64", "relu64", "topk256", "relu256", "topk1024", "relu1024"]
+    assert sorted(order) == list(range(len(units)))
+    rate = {"topk": 4e-6, "relu": 1e-6}
+    cost = lambda u: 10.0 + rate[u.sae.arch] * progress.work(u)  # noqa: E731
+    clock = progress.RunClock(tuple(units[i] for i in order))
+    for i in order[:2]:
+        u = units[i]
+        clock.unit_done(u, cost(u), True, rate[u.sae.arch] * progress.work(u))
+    for u in units[2:3] + units[5:]:
+        assert clock.seconds_for(progress.work(u), u.sae.arch) == pytest.approx(cost(u))

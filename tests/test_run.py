@@ -145,3 +145,20 @@ def test_bad_input_from_the_command_line(tmp_path):
     r = run(str(tmp_path / "nope.py"))
     assert r.returncode == 2 and r.stderr.strip().startswith("error: experiment file")
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_rerun_compiles_nothing_again(tmp_path):
+    """JAX's persistent compilation cache under the cache dir: a second process running the same
+    experiment writes no new compiled program, and its numbers equal the first run's."""
+    env = {**ENV, "SAEJAX_COMPILE_CACHE": "1"}
+    args = [SMOKE, "--set", "archs=topk", "--set", "dynamics=0", "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    outs, programs = [], []
+    for i in range(2):
+        out = tmp_path / f"run{i}"
+        r = subprocess.run([sys.executable, "-m", "saejax.run", *args, "--out", str(out)], capture_output=True,
+                           text=True, env=env, cwd=ROOT, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs.append(json.loads((out / "summary.json").read_text())["cells"])
+        programs.append(sorted(p.name for p in (tmp_path / "cache" / "xla").iterdir()))
+    assert programs[0] and programs[1] == programs[0]
+    assert outs[1] == outs[0]
