@@ -18,8 +18,8 @@ Variants are timed interleaved, round by round, so that a machine shared with ot
 them alike. Each variant's step is reported as seed-tokens/s and as a multiple of ``limit``.
 Optionally (``aux`` rows) the sparse ensemble with AuxK active (dead latents present; while none
 is dead saejax skips AuxK, as PyTorch does here; half the latents dead, more than ``n_aux``, so
-the per-token AuxK runs). One end-to-end ``train()`` figure shows what the host data pipeline
-costs on top of the compiled program.
+the per-token AuxK runs). This is the breakdown; the public ``train()`` end to end, as a user gets
+it, is ``bench_e2e.py``.
 
 ``--auxk``: the sparse step at (128, 1024, 32) S=16 and (768, 4096, 32) S=8 with no dead latent,
 and with ``n_aux`` dead latents through the per-token AuxK (``saejax.step.SHARED_AUXK`` off) and
@@ -59,7 +59,7 @@ sys.path.insert(0, str(HERE.parent))
 import torch  # noqa: E402
 import torch_reference  # noqa: E402
 
-from saejax import ArraySource, SAEConfig, TrainConfig  # noqa: E402
+from saejax import SAEConfig, TrainConfig  # noqa: E402
 from saejax import step as step_mod  # noqa: E402
 from saejax import train as train_mod  # noqa: E402
 
@@ -73,7 +73,6 @@ FULL = {
     "large": ((1, 8), (1,), 1, 2, None),
 }
 QUICK = {"small": ((1, 16), (1,), 2, 3, 16)}
-E2E = {"full": ("small", 16, 12), "quick": ("small", 16, 6)}  # shape, S, steps of the train() run
 AUXK = {"small": (16, 1, 3), "medium": (8, 1, 1)}  # --auxk: shape -> (S, steps per call, timed rounds after a warm one)
 
 
@@ -105,8 +104,8 @@ def git_commit() -> str:
 
 
 # ----------------------------------------------------------------------------- runners
-def data(d_in: int, steps: int) -> np.ndarray:
-    x = np.random.default_rng(0).standard_normal((steps, BATCH, d_in), dtype=np.float32)
+def data(d_in: int, steps: int, batch: int = BATCH) -> np.ndarray:
+    x = np.random.default_rng(0).standard_normal((steps, batch, d_in), dtype=np.float32)
     return (x / np.sqrt(d_in)).astype(np.float32)  # unit mean squared norm, as after saejax's input normalisation
 
 
@@ -121,7 +120,7 @@ def per_token_auxk():
 
 
 def ensemble(shape, n_seeds: int, kernel: str, steps: int, *, aux_active: bool = False, n_dead: int | None = None,
-             per_token: bool = False):
+             per_token: bool = False, batch: int = BATCH):
     """A closure running ``steps`` training steps of ``n_seeds`` SAEs through the chunk program.
 
     ``aux_active``: half the latents dead; ``n_dead``: that many. Dead latents stay dead (a bias that
@@ -129,7 +128,7 @@ def ensemble(shape, n_seeds: int, kernel: str, steps: int, *, aux_active: bool =
     """
     d, n, k = shape
     cfg = SAEConfig(d_in=d, d_sae=n, k=k, kernel=kernel)
-    tc = TrainConfig(batch_size=BATCH, steps=10**6, log_every=steps, chunk_steps=steps)
+    tc = TrainConfig(batch_size=batch, steps=10**6, log_every=steps, chunk_steps=steps)
     total = jnp.int32(10**6)
     keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(0), s) for s in range(n_seeds)])
     state = jax.jit(jax.vmap(partial(train_mod.init_state, cfg, tc), in_axes=(0, None)))(keys, jnp.zeros(d))
@@ -139,7 +138,7 @@ def ensemble(shape, n_seeds: int, kernel: str, steps: int, *, aux_active: bool =
         state = state.replace(params=params, since_fired=jnp.where(dead, cfg.dead_tokens, state.since_fired))
     hp = {name: jnp.full(n_seeds, v, jnp.float32) for name, v in
           {"lr": tc.lr, "l1_coef": 0.0, "l0_coef": 0.0, "aux_coef": cfg.aux_coef}.items()}
-    xs, act, scale = jnp.asarray(data(d, steps)), jnp.ones(steps, bool), jnp.float32(1.0)
+    xs, act, scale = jnp.asarray(data(d, steps, batch)), jnp.ones(steps, bool), jnp.float32(1.0)
     if per_token:  # its own program (the cached one may have the shared path), traced under the switch
         with per_token_auxk():
             program = step_mod.chunk_program.__wrapped__(cfg, train_mod.program_key(tc), True).lower(
@@ -280,19 +279,6 @@ def auxk_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def end_to_end(name: str, n_seeds: int, steps: int) -> dict:
-    """``train()`` with its host pipeline (ArraySource batches, chunk transfers, metrics), to
-    compare with the compiled program's own step (the ``sparse`` row of the same shape and S)."""
-    d, n, k = SHAPES[name]
-    cfg = SAEConfig(d_in=d, d_sae=n, k=k, kernel="sparse")
-    x = np.random.default_rng(2).standard_normal((16 * BATCH, d), dtype=np.float32)
-    tc = TrainConfig(batch_size=BATCH, steps=steps, chunk_steps=steps // 2, log_every=steps // 2)
-    train_mod.train(cfg, tc, ArraySource(x), list(range(n_seeds)), progress=False)  # compiles
-    r = train_mod.train(cfg, tc, ArraySource(x), list(range(n_seeds)), progress=False)
-    return {"shape": name, "S": n_seeds, "steps": steps, "train_s": r.seconds,
-            "seed_tokens_per_s": n_seeds * BATCH * steps / r.seconds}
-
-
 def table(rows: list[dict]) -> str:
     def cell(r, k):
         if k not in r["step_s"]:
@@ -351,19 +337,9 @@ def main(argv=None) -> None:
     if a.auxk:
         return auxk_main(plan, out, info, t0)
     rows = [row for name, pl in plan.items() for row in bench_shape(name, pl, log)]
-    e2e_plan = E2E["quick" if a.quick else "full"]
-    e2e = end_to_end(*e2e_plan) if e2e_plan[0] in plan and not a.auxk else None
-    if e2e:
-        same = next((r for r in rows if (r["shape"], r["S"]) == (e2e["shape"], e2e["S"])), None)
-        e2e["program_seed_tokens_per_s"] = same["seed_tokens_per_s"]["sparse"] if same else None
-    _save(out, t0, {"machine": info, "batch": BATCH, "quick": a.quick, "rows": rows, "end_to_end": e2e})
+    _save(out, t0, {"machine": info, "batch": BATCH, "quick": a.quick, "rows": rows})
     print()
     print(table(rows))
-    if e2e:
-        prog = e2e["program_seed_tokens_per_s"]
-        print(f"\nEnd to end, train() with ArraySource at {SHAPES[e2e['shape']]}, S={e2e['S']}, {e2e['steps']} steps: "
-              f"{e2e['seed_tokens_per_s']:,.0f} seed-tokens/s"
-              + (f" vs {prog:,.0f} for the compiled program alone" if prog else ""))
     for line in targets(rows):
         print(line)
     print(f"\n{time.perf_counter() - t0:.0f} s in all; JSON in {out.relative_to(HERE.parent) if out.is_relative_to(HERE.parent) else out}")
