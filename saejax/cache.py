@@ -77,7 +77,8 @@ def use_compile_cache(cache_dir: str | os.PathLike | None = None) -> Path | None
     path = cache_root(cache_dir) / "xla"
     path.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", COMPILE_MIN_SECONDS)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # else the user's threshold
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", COMPILE_MIN_SECONDS)
     return path
 
 

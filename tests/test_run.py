@@ -150,7 +150,8 @@ def test_bad_input_from_the_command_line(tmp_path):
 def test_a_rerun_compiles_nothing_again(tmp_path):
     """JAX's persistent compilation cache under the cache dir: a second process running the same
     experiment writes no new compiled program, and its numbers equal the first run's."""
-    env = {**ENV, "SAEJAX_COMPILE_CACHE": "1"}
+    # every program cached (a loaded machine moves compile times across the default threshold)
+    env = {**ENV, "SAEJAX_COMPILE_CACHE": "1", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     args = [SMOKE, "--set", "archs=topk", "--set", "dynamics=0", "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
     outs, programs = [], []
     for i in range(2):
