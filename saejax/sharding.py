@@ -79,7 +79,8 @@ def maybe_initialize_distributed(env=None, **kwargs) -> bool:
     Must run before anything touches a JAX device (``jax.devices()`` included); JAX then detects
     the coordinator, process count and id itself on TPU pods, SLURM and Open MPI. Elsewhere (several
     processes started by hand, one machine or many) give ``JAX_COORDINATOR_ADDRESS=host:port``,
-    ``SAEJAX_NUM_PROCESSES`` and ``SAEJAX_PROCESS_ID`` to every process. CPU processes talk over
+    ``SAEJAX_NUM_PROCESSES`` and ``SAEJAX_PROCESS_ID`` to every process (``SAEJAX_HEARTBEAT_S``: how
+    long a silent process may go unnoticed, JAX's default 100 s). CPU processes talk over
     Gloo (TCP). Returns whether this process is (now) part of a multi-process job; calling it
     twice is harmless.
     """
@@ -89,7 +90,8 @@ def maybe_initialize_distributed(env=None, **kwargs) -> bool:
     reason = distributed_reason(env)
     if reason is None:
         return False
-    for key, name in (("num_processes", "SAEJAX_NUM_PROCESSES"), ("process_id", "SAEJAX_PROCESS_ID")):
+    for key, name in (("num_processes", "SAEJAX_NUM_PROCESSES"), ("process_id", "SAEJAX_PROCESS_ID"),
+                      ("heartbeat_timeout_seconds", "SAEJAX_HEARTBEAT_S")):
         if name in env and key not in kwargs:
             check(env[name].strip().isdigit(), f"{name} must be a non-negative integer, got {env[name]!r}")
             kwargs[key] = int(env[name])

@@ -33,7 +33,7 @@ def env_for(pid: int | None, port: int, devices: int) -> dict:
     env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     if pid is not None:
         env.update(SAEJAX_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", SAEJAX_NUM_PROCESSES="2",
-                   SAEJAX_PROCESS_ID=str(pid))
+                   SAEJAX_PROCESS_ID=str(pid), SAEJAX_HEARTBEAT_S="15")
     return env
 
 
@@ -109,7 +109,7 @@ def test_killed_process_stops_the_other_cleanly_and_a_rerun_resumes(reference, t
     procs[1].p.kill()
     procs[1].p.wait()  # reaped, as a dead process elsewhere would be (a zombie still holds its pid)
     t = time.time()
-    rc, _, err = procs[0].wait(150)  # no hang: JAX's heartbeat (100 s) bounds the wait
+    rc, _, err = procs[0].wait(150)  # no hang: JAX's heartbeat (15 s here) bounds the wait
     lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
     if lines:  # the lost peer broke a collective: saejax's one line, no traceback
         assert rc == 1 and "another process of this 2-process run stopped" in lines[0], err[-3000:]
