@@ -28,7 +28,7 @@ import numpy as np
 
 from saejax.errors import ConfigError, check
 from saejax.io import read_json
-from saejax.stability.stats import cohens_d, pairwise_mean, seed_scores
+from saejax.stability.stats import cohens_d, pairwise_mean, pairwise_means, seed_scores
 
 CONFIG = ("recipe", "arch", "d_sae", "k", "sparsity_coef", "lr", "epochs", "steps")
 """Config columns a contrast can vary or hold fixed."""
@@ -93,20 +93,19 @@ def permutation_p(x, y, *, n_perm: int = 2000, key: int = 0) -> tuple[float, flo
     stat = abs(x.mean() - y.mean())
     total = math.comb(pooled.size, k)
 
-    def diff(mask):
-        return abs(pooled[mask].mean() - pooled[~mask].mean())
+    def hits(masks):  # how many relabellings differ at least as much as the observed labels
+        masks = np.asarray(masks, bool)
+        d = np.abs((masks @ pooled) / k - (~masks @ pooled) / (pooled.size - k))
+        return int(np.sum(d >= stat - 1e-12))
 
     if total <= n_perm:
-        hits = 0
-        for c in itertools.combinations(range(pooled.size), k):
-            mask = np.zeros(pooled.size, bool)
-            mask[list(c)] = True
-            hits += diff(mask) >= stat - 1e-12
-        return hits / total, 1.0 / total
+        masks = np.zeros((total, pooled.size), bool)
+        for r, c in enumerate(itertools.combinations(range(pooled.size), k)):
+            masks[r, list(c)] = True
+        return hits(masks) / total, 1.0 / total
     rng = np.random.default_rng(key)
     base = np.arange(pooled.size) < k
-    hits = sum(diff(rng.permutation(base)) >= stat - 1e-12 for _ in range(n_perm))
-    return (1 + hits) / (1 + n_perm), 1.0 / (1 + n_perm)
+    return (1 + hits([rng.permutation(base) for _ in range(n_perm)])) / (1 + n_perm), 1.0 / (1 + n_perm)
 
 
 def compare(ma: dict, mb: dict, *, n_boot: int = 2000, level: float = 0.95, n_perm: int = 2000, key: int = 0) -> dict:
@@ -120,7 +119,7 @@ def compare(ma: dict, mb: dict, *, n_boot: int = 2000, level: float = 0.95, n_pe
         if name not in mb or ma[name] is None or mb[name] is None:
             continue
         a, b = _matrix(ma[name]), _matrix(mb[name])
-        boot = [pairwise_mean(a, ia) - pairwise_mean(b, ib) for ia, ib in draws]
+        boot = pairwise_means(a, [d[0] for d in draws]) - pairwise_means(b, [d[1] for d in draws])
         out[f"{name}_diff"] = pairwise_mean(a) - pairwise_mean(b)
         out[f"{name}_diff_ci_low"], out[f"{name}_diff_ci_high"] = (float(v) for v in np.percentile(boot, [lo_q, hi_q]))
     ha, hb = seed_scores(_matrix(ma["pwmcc"])), seed_scores(_matrix(mb["pwmcc"]))

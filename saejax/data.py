@@ -99,13 +99,16 @@ class Stream:
         self.order = IndexStream(n, seed=seed) if n and callable(getattr(source, "take", None)) else None
         self.it = None if self.order is not None else source.batches(batch_size, seed=seed)
 
-    def fill(self, out: np.ndarray) -> None:
+    def fill(self, out: np.ndarray, rows: slice = slice(None)) -> None:
+        """``rows``: the rows of each batch wanted (``out`` is ``[n, those rows, d_in]``); a source
+        with ``take`` reads only those (a host of a batch-sharded run reads only its own part)."""
         if self.order is not None:
-            out.reshape(-1, out.shape[-1])[:] = self.source.take(self.order.next(len(out) * self.bs))  # type: ignore[attr-defined]
+            idx = self.order.next(len(out) * self.bs).reshape(len(out), self.bs)[:, rows]
+            out.reshape(-1, out.shape[-1])[:] = self.source.take(idx.ravel())  # type: ignore[attr-defined]
             return
         assert self.it is not None
         for t in range(len(out)):
-            out[t] = next(self.it)
+            out[t] = next(self.it)[rows]
 
     def skip(self, steps: int) -> None:
         if self.order is not None:

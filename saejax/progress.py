@@ -1,12 +1,17 @@
 """Run-level progress: one line per stage with the elapsed time and an ETA for the whole run,
 and at the end where the time went.
 
-The ETA weighs each unit by its work, ``members x steps x batch x d_sae x d_in`` (what a dense
-step costs), at the seconds per unit of work measured on the units already trained of the same
-architecture where there are some (a TopK step costs far more than a ReLU step of the same work
-on a CPU: the top-k), of any architecture before; before the first unit finishes it says so
-instead of guessing. The runner trains the architectures in turn (:func:`run_order`) so that each
-is measured early.
+A unit's seconds are predicted in three parts, each from what the units already trained measured:
+compilation and setup (its training time net of the steady time, averaged over the units of its
+architecture), steady training (a line ``a + b * work`` through the units of its architecture,
+``work = members x steps x batch x d_sae x d_in``; proportional to work while there is one size
+only), and analyses (seconds per cell, a line in ``d_sae`` through every unit; their mean while
+there is one size only: much of an analysis does not grow with the width). Rates are per
+architecture because a TopK step costs several ReLU steps of the same work on a CPU. The runner
+trains, for each architecture in turn, its largest unit, then its smallest, then the rest
+(:func:`run_order`), so the line is anchored at both ends after a few units and nothing is
+extrapolated far upwards. The report at the end is estimated per cell (:data:`REPORT_S_PER_CELL`).
+Before the first unit finishes the line says so instead of guessing.
 """
 
 from __future__ import annotations
@@ -15,6 +20,10 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+
+REPORT_S_PER_CELL = 0.5
+"""Seconds of the final report (summary, contrasts, figures, explorer) per cell, measured on the
+default grid (16 cells, about 4-8 s on a 2-core CPU)."""
 
 
 def _fmt(seconds: float) -> str:
@@ -26,13 +35,23 @@ def _arch(unit) -> str | None:
     return getattr(unit.sae, "arch", None)
 
 
+def _cells(unit) -> int:
+    return max(len(getattr(unit, "cells", ())), 1)
+
+
 def run_order(units) -> list[int]:
-    """Indices of ``units`` in training order: the architectures in turn, each in its plan order
-    (topk, relu, topk, relu, ...), so the ETA has measured every architecture after a few units."""
+    """Indices of ``units`` in training order: the architectures in turn, each giving its largest
+    unit (by :func:`work`), then its smallest, then the rest in plan order, so the ETA has every
+    architecture's cost at both ends of the sizes after a few units."""
     by_arch: dict = {}
     for i, u in enumerate(units):
         by_arch.setdefault(_arch(u), []).append(i)
-    queues = list(by_arch.values())
+    queues = []
+    for q in by_arch.values():
+        big = max(q, key=lambda i: work(units[i]))
+        small = min((i for i in q if i != big), key=lambda i: work(units[i]), default=None)
+        first = [big] + ([small] if small is not None else [])
+        queues.append(first + [i for i in q if i not in first])
     return [q[j] for j in range(max(map(len, queues), default=0)) for q in queues if j < len(q)]
 
 
@@ -40,50 +59,81 @@ def work(unit) -> float:
     return float(unit.n_members) * unit.total * unit.train.batch_size * unit.sae.d_sae * unit.sae.d_in
 
 
+def _line(xs, ys, x: float, proportional: bool = True) -> float:
+    """``y`` at ``x`` on the least-squares line through the points where it has no negative term and
+    there are two sizes or more; else in proportion to ``x`` (or, not ``proportional``, their mean)."""
+    xs, ys = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
+    if len(set(xs.tolist())) >= 2:
+        b, a = np.polyfit(xs, ys, 1)
+        if b >= 0 and a >= 0:
+            return float(a + b * x)
+    return float(x * ys.sum() / max(xs.sum(), 1e-30)) if proportional else float(ys.mean())
+
+
+@dataclass(frozen=True)
+class Measured:
+    arch: str | None
+    work: float
+    d_sae: int
+    cells: int
+    seconds: float  # the whole unit
+    steady: float | None = None  # its training at the steady rate (net of compilation)
+    trained: float | None = None  # from its start to the end of its training (the rest is analyses)
+
+
 @dataclass
 class RunClock:
     units: tuple
     t0: float = field(default_factory=time.perf_counter)
     stages: list = field(default_factory=list)
-    measured: list = field(default_factory=list)  # (work, seconds, steady seconds or None, arch) per unit trained
+    measured: list = field(default_factory=list)  # a :class:`Measured` per unit trained
+    units_done: list = field(default_factory=list)  # what :meth:`to_dict` writes, per unit
 
     def stage(self, name: str, seconds: float) -> None:
         self.stages.append((name, seconds))
 
-    def seconds_for(self, w: float, arch: str | None = None) -> float:
-        """Predicted seconds of a unit of work ``w``, so that a unit's fixed cost (compilation,
-        analyses) is not scaled by its size: where the trainer measured its steady time per step,
-        the mean fixed cost (unit time minus steady training time) plus ``w`` at the measured
-        steady seconds per unit of work; else ``a + b w`` fitted by least squares to the units
-        trained so far, proportional to work with one size only or where the fit gives a negative term.
-        Only units of ``arch`` count where one has been measured."""
-        measured = [m for m in self.measured if m[3] == arch] or self.measured
-        steady = [m for m in measured if m[2] is not None]
-        if steady:
-            rate = sum(m[2] for m in steady) / max(sum(m[0] for m in steady), 1e-30)
-            return float(np.mean([max(m[1] - m[2], 0.0) for m in steady]) + rate * w)
-        ws = np.array([m[0] for m in measured])
-        ts = np.array([m[1] for m in measured])
-        if len(set(ws.tolist())) >= 2:
-            b, a = np.polyfit(ws, ts, 1)
-            if b >= 0 and a >= 0:
-                return float(a + b * w)
-        return float(w * ts.sum() / ws.sum())
+    def predict(self, unit) -> float:
+        """Predicted seconds of ``unit`` (see the module docstring)."""
+        ms = [m for m in self.measured if m.arch == _arch(unit)] or self.measured
+        split = [m for m in ms if m.steady is not None and m.trained is not None]
+        if not split:  # only whole-unit times: a line in work through them
+            return _line([m.work for m in ms], [m.seconds for m in ms], work(unit))
+        setup = float(np.mean([max(m.trained - m.steady, 0.0) for m in split]))
+        steady = _line([m.work for m in split], [m.steady for m in split], work(unit))
+        every = [m for m in self.measured if m.trained is not None]
+        per_cell = _line([m.d_sae for m in every], [max(m.seconds - m.trained, 0.0) / m.cells for m in every],
+                         unit.sae.d_sae, proportional=False)
+        return setup + steady + per_cell * _cells(unit)
+
+    def remaining(self, units) -> float:
+        """Seconds left for ``units`` and the report."""
+        return sum(self.predict(u) for u in units) + REPORT_S_PER_CELL * sum(_cells(u) for u in self.units)
 
     def eta(self, remaining_units) -> str:
         if not self.measured:
             return "ETA after the first unit"
-        return f"ETA {_fmt(sum(self.seconds_for(work(u), _arch(u)) for u in remaining_units))}"
+        return f"ETA {_fmt(self.remaining(remaining_units))}"
 
-    def unit_done(self, unit, seconds: float, trained: bool, steady: float | None = None) -> None:
-        """``steady``: the unit's training seconds net of compilation (``TrainResult.steady_seconds``)."""
+    def unit_done(self, unit, seconds: float, trained: bool, steady: float | None = None,
+                  train_seconds: float | None = None) -> None:
+        """``steady``: the unit's training seconds net of compilation (``TrainResult.steady_seconds``);
+        ``train_seconds``: from the unit's start to the end of its training (the rest is analyses)."""
         self.stage(unit.id, seconds)
+        self.units_done.append({"unit": unit.id, "arch": _arch(unit), "d_sae": unit.sae.d_sae, "work": work(unit),
+                                "cells": _cells(unit), "trained": trained, "seconds": seconds,
+                                "steady_seconds": steady, "train_seconds": train_seconds})
         if trained:
-            self.measured.append((work(unit), seconds, steady, _arch(unit)))
+            self.measured.append(Measured(_arch(unit), work(unit), unit.sae.d_sae, _cells(unit), seconds, steady,
+                                          train_seconds))
 
     def line(self, i: int, unit) -> str:
         elapsed = time.perf_counter() - self.t0
         return f"[{i}/{len(self.units)}] {unit.id}  (elapsed {_fmt(elapsed)}, {self.eta(self.units[i - 1:])})"
+
+    def to_dict(self) -> dict:
+        """Where the time went: every stage, and per unit its training (steady and in all) and analyses."""
+        return {"seconds": time.perf_counter() - self.t0, "stages": [{"name": n, "seconds": t} for n, t in self.stages],
+                "units": self.units_done}
 
     def summary(self) -> str:
         total = time.perf_counter() - self.t0

@@ -153,6 +153,7 @@ def _train_all(args, exp, plan, store, cache_dir) -> int:
     from saejax import sharding, summary
     from saejax.cells import run_unit
     from saejax.data import check_finite
+    from saejax.io import write_json
     from saejax.plan import unit_key
     from saejax.progress import RunClock, run_order
 
@@ -177,10 +178,10 @@ def _train_all(args, exp, plan, store, cache_dir) -> int:
         last_mesh = mesh
         t = time.perf_counter()
         trained = store.status(store.unit_dir(unit.id, unit_key(exp, unit))) != "done"
-        steady = []
+        at = []  # (steady training seconds, seconds until training ended)
         by_unit[u] = run_unit(exp, unit, source, store, progress=not args.no_progress, cache_dir=cache_dir,
-                              on_trained=lambda r: steady.append(r.steady_seconds))
-        clock.unit_done(unit, time.perf_counter() - t, trained, steady[0] if steady else None)
+                              on_trained=lambda r, t=t: at.append((r.steady_seconds, time.perf_counter() - t)))
+        clock.unit_done(unit, time.perf_counter() - t, trained, *(at[0] if at else (None, None)))
     t = time.perf_counter()
     records = [r for u in range(len(plan.units)) for r in by_unit[u]]
     summary.write_all(exp, records, store.out)
@@ -192,6 +193,7 @@ def _train_all(args, exp, plan, store, cache_dir) -> int:
     print(summary.table(records))
     print(f"\n{len(records)} cells; results in {store.out}/ (summary.json, summary.csv, report.md, explorer.html, figures/)")
     print(clock.summary())
+    write_json(store.out / "timing.json", clock.to_dict())
     return 0
 
 

@@ -275,6 +275,29 @@ def put(x, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
+def local_block(sharding: NamedSharding, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """The part of a ``shape`` array that this process's devices hold under ``sharding``: per axis,
+    the span of its shards (every axis whole on one process). A host fills only this block from
+    its data (:func:`put_block`): with the batch split over hosts, each reads only its own rows."""
+    spans = [[n, 0] for n in shape]
+    for idx in sharding.addressable_devices_indices_map(shape).values():
+        for ax, sl in enumerate(idx):
+            start, stop, _ = sl.indices(shape[ax])
+            spans[ax] = [min(spans[ax][0], start), max(spans[ax][1], stop)]
+    return tuple(slice(a, b) for a, b in spans)
+
+
+def put_block(x: np.ndarray, block: tuple[slice, ...], sharding: NamedSharding, shape: tuple[int, ...]) -> jax.Array:
+    """The global ``shape`` array whose :func:`local_block` ``block`` is ``x`` (this host's part)."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+
+    def shard(idx):
+        return x[tuple(slice(i.indices(n)[0] - b.start, i.indices(n)[1] - b.start) for i, b, n in zip(idx, block, shape))]
+
+    return jax.make_array_from_callback(shape, sharding, shard)
+
+
 def put_tree(tree, sharding: NamedSharding):
     return jax.tree.map(lambda a: put(a, sharding), tree)
 

@@ -112,12 +112,18 @@ def _init_sample(source: Source, tc: TrainConfig) -> np.ndarray:
     return np.asarray(next(it), np.float32)
 
 
-def _fill(streams, chunk: int, bs: int, d: int, n: int, start: int) -> tuple[np.ndarray, np.ndarray]:
-    """The next ``n`` steps' batches, padded to ``[len(streams), chunk, B, d]``, and the mask of real
-    (non-padding) steps; ``start`` is the number of steps already trained (for the error message)."""
-    xs = np.zeros((len(streams), chunk, bs, d), np.float32)
+def _fill(streams, chunk: int, rows: slice, d: int, n: int, start: int) -> tuple[np.ndarray, np.ndarray]:
+    """The next ``n`` steps' batches (their ``rows``), padded to ``[len(streams), chunk, rows, d]``,
+    and the mask of real (non-padding) steps; ``start`` is the number of steps already trained (for
+    the error message). A stream listed twice (a padding member) is read once."""
+    xs = np.zeros((len(streams), chunk, rows.stop - rows.start, d), np.float32)
+    first: dict = {}
     for i, stream in enumerate(streams):
-        stream.fill(xs[i, :n])
+        if id(stream) in first:
+            xs[i] = xs[first[id(stream)]]
+        else:
+            first[id(stream)] = i
+            stream.fill(xs[i, :n], rows)
     finite = np.isfinite(xs).all(axis=(0, 2, 3))
     if not finite.all():
         step = start + int(np.argmin(finite)) + 1
@@ -134,8 +140,9 @@ class _Pace:
 
     def __init__(self, chunk: int, log_every: int, target: float = 2.0):
         self.chunk, self.unit, self.target = chunk, log_every, target
-        self.per_step: float | None = None
+        self.per_step: float | None = None  # of the last call, for the next one's length
         self.calls, self.t = 0, time.perf_counter()
+        self.timed = [0.0, 0]  # seconds and steps of every call after the first (steady state)
 
     def steps(self, remaining: int) -> int:
         n = self.chunk
@@ -147,7 +154,12 @@ class _Pace:
         now = time.perf_counter()
         if self.calls >= 1:  # the first call's time includes compilation
             self.per_step = (now - self.t) / max(n_steps, 1)
+            self.timed = [self.timed[0] + now - self.t, self.timed[1] + n_steps]
         self.calls, self.t = self.calls + 1, now
+
+    def steady(self, steps: int) -> float | None:
+        """Seconds ``steps`` take at the mean steady rate (``None`` before a call after the first)."""
+        return self.timed[0] / self.timed[1] * steps if self.timed[1] else None
 
 
 def train(sae_cfg: SAEConfig, tc: TrainConfig, source: Source, seeds, *, sweep: dict | None = None,
@@ -218,12 +230,17 @@ def _train_group(sae_cfg, tc, source, members, points, total, scale, b_dec, prog
     low = precision.compute_dtype(tc.compute_dtype)
     x_spec = sharding.data_spec(mesh, 3, 1) if shared else sharding.members_spec(mesh, 4, 2)
 
-    def put_x(xs):  # bf16 activations travel and live on the device as bf16
-        xs = xs[0] if shared else sharding.pad_members(xs, n_pad)
-        return sharding.put(xs.astype(low) if low != jnp.float32 else xs, x_spec)
-
     chunk = _chunk_len(tc, d, 1 if shared else len(members))
     streams = _streams(source, tc, members)
+    # this host's part of each chunk: its members' streams (padding members copy the last) and its batch rows
+    x_shape = (chunk, bs, d) if shared else (n_pad, chunk, bs, d)
+    block = sharding.local_block(x_spec, x_shape)
+    mine = streams if shared else [streams[min(j, n - 1)] for j in range(block[0].start, block[0].stop)]
+
+    def put_x(xs):  # bf16 activations travel and live on the device as bf16
+        xs = xs[0] if shared else xs
+        return sharding.put_block(xs.astype(low) if low != jnp.float32 else xs, block, x_spec, x_shape)
+
     history = {k: np.zeros((n, 0), np.float32) for k in metric_names(sae_cfg)}
     done, state, history, log_steps = _resume(checkpoint, group, state, history, streams, n, n_pad, on_members)
     stops = sorted({int(s) for s in stops if done <= s <= total} | {total})
@@ -233,7 +250,7 @@ def _train_group(sae_cfg, tc, source, members, points, total, scale, b_dec, prog
     total_dev, scale_dev = sharding.put(np.int32(total), rep), sharding.put(np.float32(scale), rep)
     bar = progress_bar(total, f"{len(members)} SAEs x {bs} tok", enabled=progress, initial=done)
     pace, last_ckpt, start = _Pace(chunk, tc.log_every), done, done
-    fill = lambda: _fill(streams, chunk, bs, d, pace.steps(next(s for s in stops if s > done) - done), done)  # noqa: E731
+    fill = lambda: _fill(mine, chunk, block[-2], d, pace.steps(next(s for s in stops if s > done) - done), done)  # noqa: E731
     xs, act = fill() if done < total else (None, None)
     while done < total:
         state, m = program(state, put_x(xs), sharding.put(act, rep), hp, scale_dev, total_dev)
@@ -257,7 +274,7 @@ def _train_group(sae_cfg, tc, source, members, points, total, scale, b_dec, prog
         bar.update(n_steps)
         stop_if_requested()
     bar.close()
-    steady = None if pace.per_step is None else pace.per_step * (total - start)
+    steady = pace.steady(total - start)
     return to_host(state), history, log_steps, steady
 
 

@@ -120,3 +120,31 @@ def test_killed_process_stops_the_other_cleanly_and_a_rerun_resumes(reference, t
     (rc0, _, se0), (rc1, _, se1) = both(out)
     assert rc0 == 0 and rc1 == 0, (se0[-2000:], se1[-2000:])
     same_summary(out, reference)
+
+
+def test_each_process_reads_only_its_part_of_the_data(tmp_path):
+    """Batch split over the 2 processes: each reads only its half of every batch; members split:
+    each reads only its own members' streams. Parameters equal one process's training."""
+    from saejax import SAEConfig, TrainConfig
+    from saejax.train import train
+
+    sys.path.insert(0, str(ROOT / "tests" / "workers"))
+    from host_slices import Counting
+
+    port, stem = free_port(), str(tmp_path / "w")
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "workers" / "host_slices.py"), stem], cwd=ROOT,
+                              env=env_for(i, port, 2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+    outs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[-2000:] for o in outs]
+    got = [np.load(f"{stem}.{i}.npz") for i in range(2)]
+    for name, same in (("batch", True), ("members", False)):
+        src = Counting(np.random.default_rng(0).standard_normal((3000, 16)).astype(np.float32))
+        src.sizes = []
+        tc = TrainConfig(batch_size=64, steps=30, lr=1e-3, log_every=10, chunk_steps=20, same_data_order=same)
+        ref = train(SAEConfig(d_in=16, d_sae=32, arch="topk", k=4), tc, src, [0, 1, 2, 3], progress=False)
+        one = sum(src.sizes[1:])  # rows one process reads for the whole job (the first take is the init sample)
+        for g in got:
+            np.testing.assert_array_equal(g[f"{name}_W_dec"], got[0][f"{name}_W_dec"])  # every process agrees
+            np.testing.assert_allclose(g[f"{name}_W_dec"], ref.params["W_dec"], rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(g[f"{name}_loss"], ref.history["loss"], rtol=1e-4)
+            assert g[f"{name}_sizes"].sum() * 2 == one, (name, g[f"{name}_sizes"], one)

@@ -37,7 +37,8 @@ def test_pacing_of_calls_never_changes_results(monkeypatch):
     monkeypatch.setattr(train_mod._Pace, "ran", ran)
     monkeypatch.setattr(train_mod._Pace, "__init__", lambda self, chunk, log_every: (
         setattr(self, "chunk", chunk), setattr(self, "unit", log_every), setattr(self, "target", 1e-9),
-        setattr(self, "per_step", None), setattr(self, "calls", 0), setattr(self, "t", time.perf_counter()))[0])
+        setattr(self, "per_step", None), setattr(self, "calls", 0), setattr(self, "t", time.perf_counter()),
+        setattr(self, "timed", [0.0, 0]))[0])
     paced = train_mod.train(cfg, tc, SRC, [0, 1], progress=False, stops=(35,), on_stop=lambda *a: None)
     assert seen == [35, 60, 60] + [10] * 9 + [5]  # whole chunks until timed, then one window per call; the stop at 35 honoured
     for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(paced.params)):
@@ -113,10 +114,11 @@ def test_run_eta_separates_fixed_cost_from_work():
     assert clock.eta(units) == "ETA after the first unit"
     cost = lambda u: 20.0 + 1e-6 * progress.work(u)  # noqa: E731  20 s fixed + work
     clock.unit_done(units[0], cost(units[0]), True)
-    assert clock.seconds_for(progress.work(units[1])) == pytest.approx(2 * cost(units[0]))  # one size: proportional
+    assert clock.predict(units[1]) == pytest.approx(2 * cost(units[0]))  # one size: proportional
     clock.unit_done(units[1], cost(units[1]), True)
     clock.unit_done(units[1], 0.0, False)  # a unit found done is not a measurement
-    left = sum(cost(u) for u in units[2:])
+    left = sum(cost(u) for u in units[2:]) + progress.REPORT_S_PER_CELL * len(units)  # and the report, a cell each
+    assert clock.remaining(units[2:]) == pytest.approx(left)
     assert clock.eta(units[2:]) == f"ETA {progress._fmt(left)}"
 
 
@@ -145,7 +147,7 @@ def test_a_swallowed_interrupt_still_stops_at_the_next_chunk(tmp_path):
 
 def test_run_eta_uses_the_steady_training_time_from_the_first_unit():
     """With the trainer's steady seconds, one small unit dominated by compilation and analyses
-    already predicts a large one: fixed cost once, training at the steady rate."""
+    already predicts a large one: setup and analyses once, training at the steady rate."""
     from types import SimpleNamespace as NS
 
     def unit(i, d_sae):
@@ -154,17 +156,19 @@ def test_run_eta_uses_the_steady_training_time_from_the_first_unit():
     units = (unit(0, 64), unit(1, 4096))
     clock = progress.RunClock(units)
     steady = lambda u: 1e-6 * progress.work(u)  # noqa: E731
-    clock.unit_done(units[0], 30.0 + steady(units[0]), True, steady(units[0]))
-    assert clock.seconds_for(progress.work(units[1])) == pytest.approx(30.0 + steady(units[1]))
+    # 10 s compiling, then training, then 20 s of analyses (one cell)
+    clock.unit_done(units[0], 30.0 + steady(units[0]), True, steady(units[0]), 10.0 + steady(units[0]))
+    assert clock.predict(units[1]) == pytest.approx(30.0 + steady(units[1]))
     old = progress.RunClock(units)  # without it the small unit's fixed cost is scaled 64-fold: 10x too long
     old.unit_done(units[0], 30.0 + steady(units[0]), True)
-    assert old.seconds_for(progress.work(units[1])) > 10 * (30.0 + steady(units[1]))
+    assert old.predict(units[1]) > 10 * (30.0 + steady(units[1]))
 
 
 def test_eta_rates_are_per_architecture_and_the_run_order_alternates_them():
     """A TopK step costs several ReLU steps of the same work on a CPU; measured on TopK units only,
     ReLU units would be predicted far too long. The runner trains the architectures in turn, and
-    the ETA uses the rate of a unit's own architecture once one is measured."""
+    the ETA uses the rate of a unit's own architecture once one is measured; each architecture's
+    largest unit comes first and its smallest second, so no rate is extrapolated upwards."""
     from types import SimpleNamespace as NS
 
     def unit(arch, d_sae):
@@ -173,13 +177,13 @@ def test_eta_rates_are_per_architecture_and_the_run_order_alternates_them():
 
     units = tuple(unit(a, w) for a in ("topk", "relu") for w in (64, 256, 1024))
     order = progress.run_order(units)
-    assert [units[i].id for i in order] == ["topk64", "relu64", "topk256", "relu256", "topk1024", "relu1024"]
+    assert [units[i].id for i in order] == ["topk1024", "relu1024", "topk64", "relu64", "topk256", "relu256"]
     assert sorted(order) == list(range(len(units)))
     rate = {"topk": 4e-6, "relu": 1e-6}
     cost = lambda u: 10.0 + rate[u.sae.arch] * progress.work(u)  # noqa: E731
     clock = progress.RunClock(tuple(units[i] for i in order))
     for i in order[:2]:
         u = units[i]
-        clock.unit_done(u, cost(u), True, rate[u.sae.arch] * progress.work(u))
-    for u in units[2:3] + units[5:]:
-        assert clock.seconds_for(progress.work(u), u.sae.arch) == pytest.approx(cost(u))
+        clock.unit_done(u, cost(u), True, rate[u.sae.arch] * progress.work(u), cost(u))
+    for u in units:
+        assert clock.predict(u) == pytest.approx(cost(u))

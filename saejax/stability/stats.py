@@ -55,21 +55,24 @@ def pairwise_mean(m, idx=None) -> float:
     self-agreement from :func:`impute_diagonal` (not 1: a seed trivially matches itself), so the
     replicate has the variance of the pairwise mean over independent seeds.
     """
-    m = impute_diagonal(m)
+    m = _check_square(m)
     idx = np.arange(m.shape[0]) if idx is None else np.asarray(idx)
     check(idx.size >= 2, f"need at least 2 seeds in idx, got {idx.size}")
-    a, b = np.triu_indices(idx.size, 1)
-    return float(np.mean(m[idx[a], idx[b]]))
+    return float(pairwise_means(m, idx[None])[0])
+
+
+def pairwise_means(m, idx) -> np.ndarray:
+    """:func:`pairwise_mean` of every row of ``idx`` (``[n, k]`` seed lists) at once."""
+    m, idx = impute_diagonal(m), np.asarray(idx)
+    a, b = np.triu_indices(idx.shape[1], 1)
+    return m[idx[:, a], idx[:, b]].mean(axis=1)
 
 
 def bootstrap_pairwise(m, *, n_boot: int = 2000, key=0) -> np.ndarray:
     """``n_boot`` bootstrap replicates of :func:`pairwise_mean`, each resampling the S seeds with
     replacement (seed-level / cluster bootstrap of a pairwise statistic)."""
-    m = impute_diagonal(m)
-    s = m.shape[0]
-    idx = _rng(key).integers(0, s, size=(int(n_boot), s))
-    a, b = np.triu_indices(s, 1)
-    return m[idx[:, a], idx[:, b]].mean(axis=1)
+    s = _check_square(m).shape[0]
+    return pairwise_means(m, _rng(key).integers(0, s, size=(int(n_boot), s)))
 
 
 def bootstrap_ci(m, *, n_boot: int = 2000, level: float = 0.95, key=0) -> tuple[float, float, float]:
