@@ -180,6 +180,7 @@ def _modular_probe(mm, spec, cfg, per_seed: list[dict], thresholds) -> tuple[dic
         cols[f"probe_{name}_raw_acc"] = pr["raw"]["test_acc"]
         cols[f"probe_{name}_sae_acc"] = pr["sae_mean"]
         cols[f"probe_{name}_sae_ci_low"], cols[f"probe_{name}_sae_ci_high"] = pr["sae_ci_low"], pr["sae_ci_high"]
+        cols.update(_probe_extras(f"probe_{name}", pr))
     usage_label = "op" if spec.task == "both" else "answer"
     usage, cols["usage_profile_corr"] = _usage(latents, labels[usage_label], usage_label, per_seed)
     return {"probe": probes, "usage": usage}, cols
@@ -243,6 +244,13 @@ def _splice_columns(res: dict, seeds) -> dict:
         [r["loss_recovered_vs_zero"] for r in seeds_res])
     cols["loss_recovered_vs_mean"] = float(np.mean([r["loss_recovered_vs_mean"] for r in seeds_res]))
     return cols
+
+
+def _probe_extras(prefix: str, pr: dict) -> dict:
+    """The PCA baseline and macro F1 columns of a :func:`saejax.probe.probe_seeds` result."""
+    return {f"{prefix}_pca_acc": pr["pca"]["test_acc"], f"{prefix}_pca_components": pr["pca_components"],
+            f"{prefix}_raw_macro_f1": pr["raw"]["macro_f1"], f"{prefix}_pca_macro_f1": pr["pca"]["macro_f1"],
+            f"{prefix}_sae_macro_f1": pr["sae_macro_f1"]}
 
 
 def _probe_inputs(ex, info, tok, path: str, label_field: str) -> tuple[list[list[int]], list[int], np.ndarray]:
@@ -334,4 +342,5 @@ def hf_downstream(spec, cfg, raw_params: dict, thresholds, seeds, *, analyses=("
         rep["probe"] = {"label": pr}
         cols["probe_label_raw_acc"], cols["probe_label_sae_acc"] = pr["raw"]["test_acc"], pr["sae_mean"]
         cols["probe_label_sae_ci_low"], cols["probe_label_sae_ci_high"] = pr["sae_ci_low"], pr["sae_ci_high"]
+        cols.update(_probe_extras("probe_label", pr))
     return cols, rep

@@ -240,11 +240,14 @@ def cell_page(cdir: Path, record: dict, *, spec=None, source=None, heldout=None,
 
 # ----------------------------------------------------------------------------- the run
 def build_cells(out: Path, records: list[dict], *, spec=None, source=None, heldout=None, opts: Options = Options(),
-                decode=None) -> list[dict]:
+                decode=None, on_cell=None) -> list[dict]:
     """Every cell's page data, reused from ``cells/<cell>/explorer.json`` while its SAEs (and the
-    options) are unchanged and it has contexts whenever ``source`` could give them."""
+    options) are unchanged and it has contexts whenever ``source`` could give them; ``on_cell()``
+    is called after each cell (progress)."""
     cells = []
     for rec in records:
+        if on_cell is not None and cells:
+            on_cell()
         cdir = Path(out) / "cells" / rec["cell"]
         stamp, cache = _stamp(cdir, opts), cdir / "explorer.json"
         old = read_json(cache) if cache.is_file() else None
@@ -257,6 +260,8 @@ def build_cells(out: Path, records: list[dict], *, spec=None, source=None, heldo
         if cdir.is_dir():
             write_json(cache, page)
         cells.append(to_jsonable(page))
+    if on_cell is not None and cells:
+        on_cell()
     return cells
 
 
@@ -270,14 +275,15 @@ def render_html(data: dict) -> str:
 
 
 def write_explorer(out, records: list[dict], *, spec=None, source=None, heldout_tokens: int | None = None,
-                   title: str = "", description: str = "", opts: Options = Options(), decode=None) -> Path:
+                   title: str = "", description: str = "", opts: Options = Options(), decode=None,
+                   on_cell=None) -> Path:
     """Write ``OUT/explorer.html`` (atomically) for the run's cell ``records``; with the built
     ``source`` (and its spec) the contexts are gathered from its first ``heldout_tokens`` held-out rows."""
     out = Path(out)
     heldout = None
     if source is not None:
         heldout = np.asarray(source.heldout()[:heldout_tokens], np.float32)
-    cells = build_cells(out, records, spec=spec, source=source, heldout=heldout, opts=opts, decode=decode)
+    cells = build_cells(out, records, spec=spec, source=source, heldout=heldout, opts=opts, decode=decode, on_cell=on_cell)
     for c in cells:
         c.pop("stamp", None)
     data = {"title": title, "source": description, "tau": opts.tau, "k": opts.k, "cells": cells}

@@ -63,7 +63,10 @@ def fit_probe(x_train, y_train, x_test, y_test, *, n_classes: int | None = None,
     ``method``: ``logistic`` (multinomial logistic regression, full-batch Adam with optax) or
     ``ridge`` (closed-form least squares onto one-hot labels: the same linear read-out family,
     orders of magnitude cheaper for many classes and wide SAEs). Returns ``{"train_acc",
-    "test_acc", "n_classes", "chance"}``; ``chance`` predicts the most frequent training label.
+    "test_acc", "n_classes", "chance", "macro_f1", "per_class"}``: ``chance`` predicts the most
+    frequent training label; ``per_class`` holds test ``precision``, ``recall``, ``f1`` and
+    ``support`` per class (0 where a class is never predicted or never present), ``macro_f1`` the
+    mean F1 over the classes present in the test split.
     """
     x_train, x_test = np.asarray(x_train, np.float32), np.asarray(x_test, np.float32)
     y_train, y_test = np.asarray(y_train, np.int32), np.asarray(y_test, np.int32)
@@ -78,29 +81,66 @@ def fit_probe(x_train, y_train, x_test, y_test, *, n_classes: int | None = None,
         params, mu, sd = _fit(jnp.asarray(x_train), jnp.asarray(y_train), jnp.float32(l2), n_classes=n_classes, steps=steps)
         params, mu, sd = jax.tree.map(np.asarray, params), np.asarray(mu), np.asarray(sd)
 
-    def acc(x, y):
-        return float(np.mean(np.argmax(((x - mu) / sd) @ params["w"] + params["b"], axis=1) == y))
+    def predict(x):
+        return np.argmax(((x - mu) / sd) @ params["w"] + params["b"], axis=1)
 
     majority = np.bincount(y_train, minlength=n_classes).argmax()
-    return {"train_acc": acc(x_train, y_train), "test_acc": acc(x_test, y_test), "n_classes": n_classes,
-            "chance": float(np.mean(y_test == majority))}
+    pred = predict(x_test)
+    per_class = per_class_scores(y_test, pred, n_classes)
+    present = np.asarray(per_class["support"]) > 0
+    return {"train_acc": float(np.mean(predict(x_train) == y_train)), "test_acc": float(np.mean(pred == y_test)),
+            "n_classes": n_classes, "chance": float(np.mean(y_test == majority)),
+            "macro_f1": float(np.mean(np.asarray(per_class["f1"])[present])), "per_class": per_class}
 
 
-def probe_seeds(raw, latents, labels, *, test_frac: float = 0.25, seed: int = 0, **kw) -> dict:
-    """Probe accuracy on raw activations ``[n, d_in]`` and on each seed's latents ``[S, n, d_sae]``.
+def per_class_scores(y, pred, n_classes: int) -> dict:
+    """Precision, recall, F1 and support of every class ``0..n_classes-1`` (lists; 0 where undefined)."""
+    y, pred = np.asarray(y), np.asarray(pred)
+    tp = np.bincount(y[pred == y], minlength=n_classes).astype(np.float64)
+    predicted = np.bincount(pred, minlength=n_classes).astype(np.float64)
+    support = np.bincount(y, minlength=n_classes).astype(np.float64)
+    precision = np.divide(tp, predicted, out=np.zeros(n_classes), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros(n_classes), where=support > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(n_classes), where=precision + recall > 0)
+    return {"precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist(),
+            "support": support.astype(int).tolist()}
 
-    One split for all, so the comparison is paired. Returns ``raw`` (a :func:`fit_probe` dict),
-    ``seeds`` (one per seed) and ``sae_mean``/``sae_ci_low``/``sae_ci_high`` (t-interval over seeds).
+
+def pca_features(x_train, x_test, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Both splits projected on the top ``k`` principal components of ``x_train`` (centred)."""
+    x_train, x_test = np.asarray(x_train, np.float64), np.asarray(x_test, np.float64)
+    mu = x_train.mean(0)
+    _, _, vt = np.linalg.svd(x_train - mu, full_matrices=False)
+    v = vt[:k].T
+    return (x_train - mu) @ v, (x_test - mu) @ v
+
+
+def probe_seeds(raw, latents, labels, *, test_frac: float = 0.25, seed: int = 0, pca_components: int | None = None,
+                **kw) -> dict:
+    """Probe accuracy on raw activations ``[n, d_in]``, on each seed's latents ``[S, n, d_sae]``, and
+    on the top principal components of the raw activations (the Llama pilot's baseline: as many
+    components as the SAE's L0, ``pca_components`` by default the latents' mean L0 rounded).
+
+    One split for all, so the comparison is paired. Returns ``raw``, ``pca`` (:func:`fit_probe`
+    dicts; ``pca_components``), ``seeds`` (one per seed), ``sae_mean``/``sae_ci_low``/``sae_ci_high``
+    (t-interval over seeds) and ``sae_macro_f1`` (mean over seeds).
     """
     from scipy import stats
 
     labels = np.asarray(labels)
     tr, te = split(len(labels), test_frac=test_frac, seed=seed)
-    raw = np.asarray(raw)
+    raw, latents = np.asarray(raw), np.asarray(latents)
     out: dict = {"raw": fit_probe(raw[tr], labels[tr], raw[te], labels[te], **kw)}
-    out["seeds"] = [fit_probe(z[tr], labels[tr], z[te], labels[te], **kw) for z in np.asarray(latents)]
+    if pca_components is None:
+        pca_components = int(round(float(np.mean((latents != 0).sum(-1)))))
+    k = int(min(max(pca_components, 1), raw.shape[1], len(tr)))
+    out["pca_components"] = k
+    p_tr, p_te = pca_features(raw[tr], raw[te], k)
+    out["pca"] = fit_probe(p_tr, labels[tr], p_te, labels[te], **kw)
+    out["seeds"] = [fit_probe(z[tr], labels[tr], z[te], labels[te], **kw) for z in latents]
     accs = np.array([s["test_acc"] for s in out["seeds"]])
     out["sae_mean"] = float(accs.mean())
+    out["sae_macro_f1"] = float(np.mean([s["macro_f1"] for s in out["seeds"]]))
     if len(accs) > 1 and accs.std() > 0:
         lo, hi = stats.t.interval(0.95, len(accs) - 1, loc=accs.mean(), scale=stats.sem(accs))
     else:

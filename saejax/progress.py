@@ -26,7 +26,7 @@ REPORT_S_PER_CELL = 0.5
 default grid (16 cells, about 4-8 s on a 2-core CPU)."""
 
 
-def _fmt(seconds: float) -> str:
+def fmt(seconds: float) -> str:
     s = int(round(seconds))
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
@@ -112,7 +112,7 @@ class RunClock:
     def eta(self, remaining_units) -> str:
         if not self.measured:
             return "ETA after the first unit"
-        return f"ETA {_fmt(self.remaining(remaining_units))}"
+        return f"ETA {fmt(self.remaining(remaining_units))}"
 
     def unit_done(self, unit, seconds: float, trained: bool, steady: float | None = None,
                   train_seconds: float | None = None) -> None:
@@ -128,7 +128,7 @@ class RunClock:
 
     def line(self, i: int, unit) -> str:
         elapsed = time.perf_counter() - self.t0
-        return f"[{i}/{len(self.units)}] {unit.id}  (elapsed {_fmt(elapsed)}, {self.eta(self.units[i - 1:])})"
+        return f"[{i}/{len(self.units)}] {unit.id}  (elapsed {fmt(elapsed)}, {self.eta(self.units[i - 1:])})"
 
     def to_dict(self) -> dict:
         """Where the time went: every stage, and per unit its training (steady and in all) and analyses."""
@@ -138,7 +138,7 @@ class RunClock:
     def summary(self) -> str:
         total = time.perf_counter() - self.t0
         parts = sorted(self.stages, key=lambda s: -s[1])[:6]
-        return f"time: {_fmt(total)} in all; " + ", ".join(f"{n} {_fmt(s)}" for n, s in parts)
+        return f"time: {fmt(total)} in all; " + ", ".join(f"{n} {fmt(s)}" for n, s in parts)
 
 
 class _Plain:
@@ -161,10 +161,10 @@ class _Plain:
     def _line(self) -> None:
         self.last = now = time.perf_counter()
         rate = (self.n - self.n0) / max(now - self.t0, 1e-9)
-        eta = f", ETA {_fmt((self.total - self.n) / rate)}" if rate > 0 and self.n < self.total else ""
+        eta = f", ETA {fmt((self.total - self.n) / rate)}" if rate > 0 and self.n < self.total else ""
         post = f", {self.post}" if self.post else ""
         print(f"  {self.desc}: {self.n:,}/{self.total:,} {self.unit} ({rate:,.1f} {self.unit}/s, "
-              f"elapsed {_fmt(now - self.t0)}{eta}{post})", file=self.stream, flush=True)
+              f"elapsed {fmt(now - self.t0)}{eta}{post})", file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.n > self.n0:

@@ -150,7 +150,7 @@ def _run(args, exp, plan, store, cache_dir) -> int:
 def _train_all(args, exp, plan, store, cache_dir) -> int:
     import numpy as np
 
-    from saejax import sharding, summary
+    from saejax import progress, sharding, summary
     from saejax.cells import run_unit
     from saejax.data import check_finite
     from saejax.io import write_json
@@ -184,11 +184,16 @@ def _train_all(args, exp, plan, store, cache_dir) -> int:
         clock.unit_done(unit, time.perf_counter() - t, trained, *(at[0] if at else (None, None)))
     t = time.perf_counter()
     records = [r for u in range(len(plan.units)) for r in by_unit[u]]
+    print(f"writing the report (elapsed {progress.fmt(time.perf_counter() - clock.t0)})", flush=True)
+    busy = progress.bar(1 + len(records), "report: summary, contrasts, figures, then the explorer", unit="part",
+                        enabled=not args.no_progress)
     summary.write_all(exp, records, store.out)
+    busy.update(1)
     from saejax.explorer import write_explorer
 
     write_explorer(store.out, records, spec=exp.source, source=source, heldout_tokens=exp.heldout_tokens,
-                   title=exp.name, description=exp.source.describe())
+                   title=exp.name, description=exp.source.describe(), on_cell=lambda: busy.update(1))
+    busy.close()
     clock.stage("report", time.perf_counter() - t)
     print(summary.table(records))
     print(f"\n{len(records)} cells; results in {store.out}/ (summary.json, summary.csv, report.md, explorer.html, figures/)")

@@ -54,12 +54,15 @@ COLUMNS: tuple[Column, ...] = (
     C("cohens_d_vs_random", "float", "Cohen's d of trained vs random per-seed values"),
     C("n_random", "int", "random-control SAEs"),
     C("hungarian_mean", "float", "mean \\|cos\\| of one-to-one Hungarian-matched latents (Song et al.'s PW-MCC)"),
-    C("hungarian_median", "float", "median \\|cos\\| of Hungarian-matched latents"),
+    C("hungarian_median", "float", "median \\|cos\\| of Hungarian-matched latents, all pairs pooled"),
+    C("hungarian_median_ci_*", "float", "seed-bootstrap CI of `hungarian_median` (`_ci_low`, `_ci_high`; a seed drawn "
+      "twice adds no pair with itself)"),
     C("hungarian_mean_ci_*", "float", "bootstrap CI of `hungarian_mean` (`_ci_low`, `_ci_high`)"),
     C("frac_ge_*", "float", "fraction of matched latents with \\|cos\\| at or above the threshold (and its CI)"),
     C("signed_mean", "float", "mean signed cosine of matched latents"),
     C("shared_fraction", "float", "Paulo & Belrose: matched latents whose decoder AND encoder cosines exceed 0.7"),
-    C("live_*", "float", "the same metrics with latents dead on held-out data (in either SAE) excluded"),
+    C("live_*", "float", "the same metrics with latents dead on held-out data (in either SAE) excluded, each with "
+      "its seed-bootstrap CI (`live_<metric>_ci_low`, `_ci_high`; empty where a seed has no live latent)"),
     C("alive_fraction", "float", "latents that fired on held-out data"),
     C("activation_corr", "float", "mean Pearson correlation of matched latents' activations on held-out tokens"),
     C("gt_mcc", "float", "mean best \\|cos\\| of each true feature to the SAE's latents (known dictionaries)"),
@@ -86,7 +89,10 @@ COLUMNS: tuple[Column, ...] = (
     C("acc_*", "float", "accuracy clean / spliced", "downstream"),
     C("kl_spliced", "float", "KL(clean ‖ spliced) of the next-token distribution", "downstream"),
     C("probe_*", "float", "linear probe accuracy from raw activations (`_raw_acc`) vs each seed's latents "
-                          "(`_sae_acc`, with CI), per label", "downstream"),
+                          "(`_sae_acc`, with CI) vs as many principal components of the raw activations as the "
+                          "latents' mean L0 (`_pca_acc`, `_pca_components`), and macro F1 of each (`_raw_macro_f1`, "
+                          "`_sae_macro_f1`, `_pca_macro_f1`; per-class precision, recall and F1 in "
+                          "`cells/<cell>/probe.json`), per label", "downstream"),
     C("consensus_*", "float", "consensus over all seeds at each |cos| threshold (`consensus` analysis): "
                              "`frac_all` latents found in every seed, `groups` groups spanning every seed, "
                              "`found_in_mean` mean seeds per latent, `orphan_frac`, `inconsistent_frac`; "

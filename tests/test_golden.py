@@ -17,7 +17,10 @@ CASES = {
 }
 
 
-ADDED = {"status", "p_value_resolution", "p_value_analytic", "random_mse", "random_explained_variance"}
+ADDED = {"status", "p_value_resolution", "p_value_analytic", "random_mse", "random_explained_variance",
+         "hungarian_median_ci_low", "hungarian_median_ci_high",
+         *(f"live_{m}_ci_{end}" for m in ("hungarian_mean", "hungarian_median", "shared_fraction", "frac_ge_0.5",
+                                         "frac_ge_0.7", "frac_ge_0.9") for end in ("low", "high"))}
 """Columns added since the fixtures were recorded (each documented in the summary schema)."""
 
 

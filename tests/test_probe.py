@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from saejax.errors import ConfigError
-from saejax.probe import fit_probe, label_profiles, probe_seeds, split, usage_table
+from saejax.probe import fit_probe, label_profiles, per_class_scores, probe_seeds, split, usage_table
 
 
 def blobs(n, d, n_classes, sep, seed=0):
@@ -61,3 +61,34 @@ def test_bad_input():
         fit_probe(np.ones((4, 2)), np.zeros(4), np.ones((2, 2)), np.zeros(2))
     with pytest.raises(ConfigError, match="test features"):
         fit_probe(np.ones((4, 2)), np.array([0, 1, 0, 1]), np.ones((2, 3)), np.zeros(2))
+
+
+def test_per_class_scores_equal_counting_by_hand():
+    rng = np.random.default_rng(4)
+    y, pred = rng.integers(0, 5, 300), rng.integers(0, 4, 300)  # class 4 is never predicted
+    got = per_class_scores(y, pred, 6)  # class 5 absent
+    for c in range(6):
+        tp, fp, fn = np.sum((pred == c) & (y == c)), np.sum((pred == c) & (y != c)), np.sum((pred != c) & (y == c))
+        p = tp / (tp + fp) if tp + fp else 0.0
+        r = tp / (tp + fn) if tp + fn else 0.0
+        assert got["precision"][c] == pytest.approx(p) and got["recall"][c] == pytest.approx(r)
+        assert got["f1"][c] == pytest.approx(2 * p * r / (p + r) if p + r else 0.0)
+        assert got["support"][c] == np.sum(y == c)
+    assert got["f1"][4] == 0.0 and got["support"][5] == 0
+
+
+def test_pca_baseline_sees_only_the_top_components():
+    """The label lives in a low-variance direction: a probe on the top-2 principal components
+    misses it, one on all raw dimensions finds it; the default component count is the latents' L0."""
+    rng = np.random.default_rng(0)
+    n = 1000
+    y = rng.integers(0, 2, n)
+    x = np.concatenate([rng.standard_normal((n, 2)) * 10, (2 * y[:, None] - 1) * 1.0 + 0.1 * rng.standard_normal((n, 1))], 1)
+    lat = np.zeros((2, n, 8), np.float32)
+    lat[:, :, :2] = 1.0  # L0 = 2 in every row
+    res = probe_seeds(x.astype(np.float32), lat, y, method="ridge")
+    assert res["pca_components"] == 2
+    assert res["raw"]["test_acc"] > 0.95 and res["pca"]["test_acc"] < 0.65
+    assert res["raw"]["macro_f1"] > 0.95
+    full = probe_seeds(x.astype(np.float32), lat, y, method="ridge", pca_components=3)
+    assert full["pca"]["test_acc"] == pytest.approx(full["raw"]["test_acc"], abs=0.02)  # all components: raw's equal

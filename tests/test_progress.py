@@ -119,7 +119,7 @@ def test_run_eta_separates_fixed_cost_from_work():
     clock.unit_done(units[1], 0.0, False)  # a unit found done is not a measurement
     left = sum(cost(u) for u in units[2:]) + progress.REPORT_S_PER_CELL * len(units)  # and the report, a cell each
     assert clock.remaining(units[2:]) == pytest.approx(left)
-    assert clock.eta(units[2:]) == f"ETA {progress._fmt(left)}"
+    assert clock.eta(units[2:]) == f"ETA {progress.fmt(left)}"
 
 
 def test_a_swallowed_interrupt_still_stops_at_the_next_chunk(tmp_path):

@@ -160,3 +160,26 @@ def test_analytic_p_value_is_calibrated_and_has_no_floor():
     base = unit(rng.normal(size=(n, d)))
     shared = unit(base[None] + 0.6 * rng.normal(size=(s, n, d)) / np.sqrt(d))
     assert analytic_p_value(pwmcc(shared), d, n) < 1e-6 < 1 / 252
+
+
+def test_median_bootstrap_equals_pooling_the_drawn_pairs_by_hand():
+    """Each replicate's median from weighted per-pair histograms equals np.median of the values of
+    every drawn pair of distinct seeds, concatenated (to the histogram's bin width)."""
+    from saejax.stability.stats import _rng, bootstrap_median_ci
+
+    rng = np.random.default_rng(7)
+    s = 5
+    pairs = list(itertools.combinations(range(s), 2))
+    shift = rng.random(s) * 0.3  # seed effects, so replicates differ
+    values = [np.clip(rng.beta(2, 5, size=int(rng.integers(500, 2000))) + shift[i] + shift[j], 0, 1) for i, j in pairs]
+    est, lo, hi = bootstrap_median_ci(values, pairs, s, n_boot=300, key=3, bins=4000)
+    assert est == pytest.approx(np.median(np.concatenate(values)))
+    idx = _rng(3).integers(0, s, size=(300, s))
+    by_pair = dict(zip(pairs, values))
+    reps = []
+    for row in idx:
+        drawn = [by_pair[(min(a, b), max(a, b))] for a, b in itertools.combinations(row, 2) if a != b]
+        reps.append(np.median(np.concatenate(drawn)) if drawn else np.nan)
+    want = np.nanquantile(reps, [0.025, 0.975])
+    assert lo == pytest.approx(want[0], abs=2 / 4000) and hi == pytest.approx(want[1], abs=2 / 4000)
+    assert lo < est < hi

@@ -24,7 +24,7 @@ from saejax.stability.metrics import (
     pwmcc_from_stats,
     shared_from_matching,
 )
-from saejax.stability.stats import bootstrap_ci, cohens_d, permutation_test, seed_scores
+from saejax.stability.stats import bootstrap_ci, bootstrap_median_ci, cohens_d, permutation_test, seed_scores
 
 MATRIX_KEYS = ("pwmcc", "hungarian_mean", "hungarian_median", *(f"frac_ge_{t}" for t in THRESHOLDS), "signed_mean")
 
@@ -85,15 +85,15 @@ def stability_report(decoders, encoders=None, *, alive=None, latents=None, true_
     - ``random_pwmcc``: mean PWMCC between random-control dictionaries (empirical; the closed form
       when ``random_control=False``); ``random_pwmcc_analytic``: :func:`random_baseline`;
       ``pwmcc_ratio = pwmcc / random_pwmcc``; ``random_hungarian_mean``: the control's matched mean.
-    - ``hungarian_mean`` (+ ``_ci_low/_ci_high``), ``hungarian_median``: mean and median matched
+    - ``hungarian_mean``, ``hungarian_median`` (each + ``_ci_low/_ci_high``): mean and median matched
       |cos| (median over all matched latents of all pairs); ``signed_mean``: mean signed cosine of
       the matched pairs (Song et al.'s PW-MCC uses signed cosines).
     - ``frac_ge_0.5``, ``frac_ge_0.7``, ``frac_ge_0.9`` (+ CIs): fraction of matched latents at or
       above each |cos| threshold; the full curve is in ``report.curve``.
     - ``shared_fraction``: Paulo & Belrose's shared latents (decoder and encoder matched |cos|
       > ``shared_threshold``).
-    - ``live_*``: ``live_pwmcc`` (+ CI), ``live_hungarian_mean``, ``live_hungarian_median``,
-      ``live_frac_ge_*``, ``live_shared_fraction``, computed on latents alive in both SAEs;
+    - ``live_*``: ``live_pwmcc``, ``live_hungarian_mean``, ``live_hungarian_median``,
+      ``live_frac_ge_*``, ``live_shared_fraction`` (each + ``_ci_low/_ci_high``), computed on latents alive in both SAEs;
       ``alive_fraction``: mean fraction of live latents.
     - ``activation_corr``: mean Pearson r of decoder-matched latents' held-out activations (pairs
       where either latent is constant are left out).
@@ -157,7 +157,8 @@ def _matched_summary(res: dict, n_boot: int, level: float, key) -> tuple[dict, d
     for name in MATRIX_KEYS:
         matrices[name] = res["matrix"][name]
         summary[name] = float(np.mean(res["values"][name]))
-    summary["hungarian_median"] = float(np.median(np.concatenate(res["matched"])))
+    summary["hungarian_median"], summary["hungarian_median_ci_low"], summary["hungarian_median_ci_high"] = \
+        bootstrap_median_ci(res["matched"], res["matched_pairs"], len(matrices["pwmcc"]), n_boot=n_boot, level=level, key=key)
     for name in ("pwmcc", "hungarian_mean", *(f"frac_ge_{t}" for t in THRESHOLDS)):
         _, summary[f"{name}_ci_low"], summary[f"{name}_ci_high"] = bootstrap_ci(matrices[name], n_boot=n_boot, level=level, key=key)
     return summary, matrices
@@ -178,21 +179,27 @@ _LIVE_KEYS = ("pwmcc", "hungarian_mean", "hungarian_median", *(f"frac_ge_{t}" fo
 
 
 def _live_summary(live, live_res: dict | None, has_encoders: bool, n_boot: int, level: float, key) -> tuple[dict, dict]:
-    """The ``live_*`` values (+ the ``live_pwmcc`` CI) and ``alive_fraction``, None without ``alive``;
+    """The ``live_*`` values with their seed-bootstrap CIs, and ``alive_fraction``; None without
+    ``alive``, and a CI is None where a pair is undefined (a seed with no live latent);
     ``live_shared_fraction`` needs encoders too."""
-    summary: dict[str, float | None] = {f"live_{name}": None for name in _LIVE_KEYS}
-    summary["live_pwmcc_ci_low"] = summary["live_pwmcc_ci_high"] = summary["alive_fraction"] = None
+    summary: dict[str, float | None] = {f"live_{name}{end}": None for name in _LIVE_KEYS for end in ("", "_ci_low", "_ci_high")}
+    summary["alive_fraction"] = None
     matrices: dict = {}
     if live is None or live_res is None:
         return summary, matrices
     for name in _LIVE_KEYS[:-1] + (("shared_fraction",) if has_encoders else ()):
         matrices[f"live_{name}"] = live_res["matrix"][name]
         summary[f"live_{name}"] = _nanmean(live_res["values"][name])
-    matched = np.concatenate(live_res["matched"]) if live_res["matched"] else np.zeros(0)
-    summary["live_hungarian_median"] = float(np.median(matched)) if matched.size else None
-    if np.isfinite(live_res["values"]["pwmcc"]).all():
-        _, summary["live_pwmcc_ci_low"], summary["live_pwmcc_ci_high"] = bootstrap_ci(
-            matrices["live_pwmcc"], n_boot=n_boot, level=level, key=key)
+        if name != "hungarian_median" and np.isfinite(live_res["values"][name]).all():
+            _, summary[f"live_{name}_ci_low"], summary[f"live_{name}_ci_high"] = bootstrap_ci(
+                matrices[f"live_{name}"], n_boot=n_boot, level=level, key=key)
+    summary["live_hungarian_median"] = None
+    if live_res["matched"]:
+        median = bootstrap_median_ci(live_res["matched"], live_res["matched_pairs"], live.shape[0], n_boot=n_boot,
+                                     level=level, key=key)
+        summary["live_hungarian_median"] = median[0]
+        if len(live_res["matched"]) == len(live_res["pairs"]):
+            summary["live_hungarian_median_ci_low"], summary["live_hungarian_median_ci_high"] = median[1:]
     summary["alive_fraction"] = float(live.mean())
     return summary, matrices
 
@@ -281,7 +288,8 @@ def _pairs(dec, enc, live, latents, shared_threshold, pair_block, opts, n_exampl
     k = 1 if dense else opts["top_k"]
     names = MATRIX_KEYS + ("shared_fraction", "activation_corr")
     matrix = {name: np.full((s, s), np.nan) for name in names}
-    out = {"pairs": [], "matched": [], "curves": [], "matrix": matrix, "values": {name: [] for name in names}}
+    out = {"pairs": [], "matched": [], "matched_pairs": [], "curves": [], "matrix": matrix,
+           "values": {name: [] for name in names}}
     candidates = []
     for block, valid in _blocks(pairs, pair_block):
         st = pairs_fn(dec, top_k=k, pairs=block, alive=live).stats
@@ -307,6 +315,7 @@ def _pairs(dec, enc, live, latents, shared_threshold, pair_block, opts, n_exampl
                 out["values"][name].append(row[name])
             if m is not None:
                 out["matched"].append(m.abs_cos)
+                out["matched_pairs"].append((int(i), int(j)))
                 if n_examples:
                     candidates.extend(_example_candidates(m, i, j, n_examples, shared_threshold))
             out["pairs"].append(row)
