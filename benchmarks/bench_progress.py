@@ -30,6 +30,8 @@ import termios
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -83,8 +85,11 @@ def analyse(events) -> dict:
             seen.add(e["unit"])
             e["error"] = round((e["predicted_end_s"] - end) / end, 3)
             uniq.append(e)
+    at = int(np.argmax(gaps))
+    before = b"".join(d for _, d in events[max(0, at - 3):at + 1]).decode("utf-8", "replace")
+    where = [ln.strip() for ln in re.split(r"[\r\n]", before) if ln.strip()][-1:] or [""]
     return {"runtime_s": round(end, 1), "max_gap_s": round(max(gaps), 2), "max_gap_after_5s": round(max(late or [0]), 2),
-            "updates": len(events), "etas": uniq}
+            "max_gap_at_s": round(times[at], 1), "max_gap_after": where[0][-160:], "updates": len(events), "etas": uniq}
 
 
 def main(argv=None) -> int:
@@ -104,7 +109,8 @@ def main(argv=None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(f"{args.experiment}: exit {code}, {res['runtime_s']} s, longest gap between screen updates "
-          f"{res['max_gap_s']} s ({res['max_gap_after_5s']} s after the first 5 s), load {res['load_before']} -> {res['load_after']}")
+          f"{res['max_gap_s']} s ({res['max_gap_after_5s']} s after the first 5 s) at t={res['max_gap_at_s']} s after "
+          f"{res['max_gap_after']!r}, load {res['load_before']} -> {res['load_after']}")
     for e in res["etas"]:
         print(f"  ETA at unit {e['unit']}/{e['of']} (t={e['printed_at_s']} s): end {e['predicted_end_s']} s, error {100 * e['error']:+.0f}%")
     return code

@@ -30,10 +30,10 @@ from saejax.errors import ConfigError, check
 from saejax.io import read_json
 from saejax.stability.stats import cohens_d, pairwise_mean, pairwise_means, seed_scores
 
-CONFIG = ("recipe", "arch", "d_sae", "k", "sparsity_coef", "lr", "epochs", "steps")
+CONFIG = ("source", "recipe", "arch", "d_sae", "k", "sparsity_coef", "lr", "epochs", "steps")
 """Config columns a contrast can vary or hold fixed."""
 _NATURE = {"arch": ("arch", "recipe", "k", "sparsity_coef"), "recipe": ("arch", "recipe", "k", "sparsity_coef"),
-           "epochs": ("steps",), "steps": ("epochs",)}
+           "epochs": ("steps",), "steps": ("epochs",), "source": ("steps",)}
 """Columns that differ with the varied one by nature (a ReLU cell has no k, a longer run more steps)."""
 
 

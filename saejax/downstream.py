@@ -121,7 +121,7 @@ def modular_downstream(spec, cfg, raw_params: dict, thresholds, seeds, *, analys
     """
     from saejax.models.modular import modular_model
 
-    mm = modular_model(spec.task, cache_dir=cache_dir, progress=False)
+    mm = modular_model(spec.task, config=spec.config(), cache_dir=cache_dir, progress=False)
     n_pos = mm.data["ids"].shape[1]
     positions = None if spec.positions == "all" else [n_pos - 1] if spec.positions == "last" else list(spec.positions)
     per_seed = [{k: np.asarray(v[i]) for k, v in raw_params.items()} for i in range(len(seeds))]

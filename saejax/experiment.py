@@ -36,29 +36,59 @@ class Modular:
     """The embedded modular-arithmetic transformer (p = 113), trained by saejax on first use.
 
     ``task``: ``add``, ``mul`` or ``both``; ``layer``/``site``: where activations are read;
-    ``positions``: which prompt positions become tokens (see :mod:`saejax.models.modular`)."""
+    ``positions``: which prompt positions become tokens (see :mod:`saejax.models.modular`);
+    ``accuracy``: stop the model's training at the first evaluation with at least this held-out
+    accuracy (default: the tuned 0.99), so one seed of the model at several qualities; the reached
+    accuracy is the ``model_heldout_acc`` column."""
 
     task: str = "add"
     layer: int = 1
     site: str = "resid_post"
     positions: Any = "all"
+    accuracy: float | None = None
 
     def __post_init__(self):
         check_fields(self)
+        check(self.accuracy is None or 0 < self.accuracy <= 1,
+              f"modular accuracy must be in (0, 1] (a held-out accuracy to stop training at), got {self.accuracy!r}")
+
+    def config(self):
+        """The :class:`saejax.models.modular.ModularConfig` of the model these activations come from."""
+        from saejax.models.modular import default_config
+
+        cfg = default_config(self.task)
+        if self.accuracy is None:
+            return cfg
+        # held-out accuracy jumps from ~40% to ~100% within 50 steps (grokking): evaluated every 5 steps,
+        # the stops of different targets are distinct checkpoints of one trajectory
+        return dataclasses.replace(cfg, target_acc=float(self.accuracy), eval_every=5)
+
+    def fingerprint(self) -> str:
+        """The model's config key: part of every unit key, so a changed model never reuses SAEs."""
+        return self.config().key
 
     def build(self, cache_dir=None, progress: bool = True):
         from saejax.models.modular import modular_activations
 
         return modular_activations(task=self.task, layer=self.layer, site=self.site, positions=self.positions,
-                                   cache_dir=cache_dir, progress=progress)
+                                   config=self.config(), cache_dir=cache_dir, progress=progress)
 
     def plan(self, cache_dir=None) -> SourcePlan:
         from saejax.models.modular import plan_activations
 
-        return plan_activations(self.task, self.layer, self.site, self.positions, cache_dir=cache_dir)
+        return plan_activations(self.task, self.layer, self.site, self.positions, config=self.config(),
+                                cache_dir=cache_dir)
+
+    def columns(self, cache_dir=None) -> dict:
+        """Record columns of the built source: the model's held-out accuracy."""
+        from saejax.models.modular import load_or_train
+
+        _, info = load_or_train(self.task, config=self.config(), cache_dir=cache_dir, progress=False)
+        return {"model_heldout_acc": float(info["heldout_accuracy"])}
 
     def describe(self) -> str:
-        return f"modular-{self.task} layer {self.layer} {self.site} ({self.positions} positions)"
+        acc = f", model trained to {self.accuracy:g} held-out accuracy" if self.accuracy is not None else ""
+        return f"modular-{self.task} layer {self.layer} {self.site} ({self.positions} positions{acc})"
 
     def supports(self, analysis: str, cache_dir=None) -> str | None:
         return None  # splice and probe both run on the embedded model
@@ -112,7 +142,10 @@ class Experiment:
     """Output directory name (under ``runs/`` unless ``--out`` says otherwise)."""
     source: Any = field(default_factory=SyntheticSource)
     """A source spec: :class:`Synthetic`, :class:`Modular` or ``HF`` (anything with ``build``,
-    ``plan`` and ``describe``)."""
+    ``plan`` and ``describe``); or a dict of named specs (layers, sites, models, tasks, model
+    qualities), each trained over the whole grid and analysed side by side: cell ids start with
+    the name, the ``source`` column holds it, and contrasts may compare them
+    (``Contrast("source", "layer0", "layer6")``)."""
     archs: tuple[str, ...] = ("topk",)
     """SAE architectures (entries of :mod:`saejax.archs`); ignored when ``recipes`` are given."""
     contrasts: tuple[Contrast, ...] = ()
@@ -151,11 +184,21 @@ class Experiment:
     """Analyses run on every cell, from :data:`saejax.cells.ANALYSES`: ``stability`` always;
     ``splice`` (reconstructions spliced into the model) and ``probe`` (linear probes) where the
     source supports them (checked at plan time)."""
+    variant: str | None = None
+    """Set by :meth:`variants`: the name of this experiment's source among several."""
 
     def __post_init__(self):
         check(isinstance(self.name, str) and self.name and "/" not in self.name,
               f"experiment name must be a plain non-empty string, got {self.name!r}")
-        check(_is_source(self.source), f"source must be Synthetic, Modular or HF, got {type(self.source).__name__}")
+        if isinstance(self.source, dict):
+            check(len(self.source) > 0, "source is an empty dict: name at least one source")
+            for name, spec in self.source.items():
+                check(isinstance(name, str) and name.replace("_", "").replace("-", "").isalnum(),
+                      f"source names must be letters, digits, '-' or '_', got {name!r}")
+                check(_is_source(spec), f"source {name!r} must be Synthetic, Modular or HF, got {type(spec).__name__}")
+        else:
+            check(_is_source(self.source), f"source must be Synthetic, Modular or HF (or a dict of them), "
+                                           f"got {type(self.source).__name__}")
         check_fields(self)
         for a in self.archs:
             archs.get(a)
@@ -193,6 +236,18 @@ class Experiment:
 
         for a in self.analyses:
             check(a in ANALYSES, f"unknown analysis {a!r}; expected some of {tuple(ANALYSES)}{closest(a, ANALYSES)}")
+
+    def variants(self) -> list[Experiment]:
+        """One experiment per named source (``variant`` set, contrasts left to the whole run), or
+        ``[self]`` for a single source."""
+        if not isinstance(self.source, dict):
+            return [self]
+        return [dataclasses.replace(self, source=spec, variant=name, contrasts=()) for name, spec in self.source.items()]
+
+    def describe_source(self) -> str:
+        if isinstance(self.source, dict):
+            return "; ".join(f"{name}: {spec.describe()}" for name, spec in self.source.items())
+        return self.source.describe()
 
     @property
     def lengths(self) -> tuple:
@@ -306,6 +361,12 @@ def load(path) -> Experiment:
     return exp
 
 
+def _set_field(spec, name: str, val):
+    fields = [f.name for f in dataclasses.fields(spec) if f.init]
+    check(name in fields, f"unknown source option {name!r}{closest(name, fields)}; valid: {', '.join(fields)}")
+    return dataclasses.replace(spec, **{name: val})
+
+
 def _parse(key: str, value: str):
     import ast
 
@@ -349,7 +410,14 @@ def _override(exp: Experiment, head: str, sub: str, val, key: str) -> Experiment
     if head in ("sae", "train"):
         return dataclasses.replace(exp, **{head: {**getattr(exp, head), sub: val}})
     if head == "source":
-        fields = [f.name for f in dataclasses.fields(exp.source) if f.init]
-        check(sub in fields, f"unknown source option {sub!r}{closest(sub, fields)}; valid: {', '.join(fields)}")
-        return dataclasses.replace(exp, source=dataclasses.replace(exp.source, **{sub: val}))
+        if not isinstance(exp.source, dict):
+            return dataclasses.replace(exp, source=_set_field(exp.source, sub, val))
+        name, _, field_ = sub.partition(".")
+        if name in exp.source and field_:  # source.<name>.<field>: one of the named sources
+            return dataclasses.replace(exp, source={**exp.source, name: _set_field(exp.source[name], field_, val)})
+        have = [n for n, spec in exp.source.items() if sub in {f.name for f in dataclasses.fields(spec) if f.init}]
+        check(bool(have), f"no named source has option {sub!r} (sources: {', '.join(exp.source)}; "
+                          f"one of them: source.<name>.<option>)")
+        return dataclasses.replace(exp, source={n: _set_field(spec, sub, val) if n in have else spec
+                                                for n, spec in exp.source.items()})
     raise ConfigError(f"{head!r} has no sub-keys (got {key!r})")

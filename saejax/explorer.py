@@ -276,14 +276,17 @@ def render_html(data: dict) -> str:
 
 def write_explorer(out, records: list[dict], *, spec=None, source=None, heldout_tokens: int | None = None,
                    title: str = "", description: str = "", opts: Options = Options(), decode=None,
-                   on_cell=None) -> Path:
+                   on_cell=None, by_source: dict | None = None) -> Path:
     """Write ``OUT/explorer.html`` (atomically) for the run's cell ``records``; with the built
-    ``source`` (and its spec) the contexts are gathered from its first ``heldout_tokens`` held-out rows."""
+    ``source`` (and its spec) the contexts are gathered from its first ``heldout_tokens`` held-out rows.
+    ``by_source``: ``{record["source"]: (spec, source)}`` where the run has several named sources."""
     out = Path(out)
-    heldout = None
-    if source is not None:
-        heldout = np.asarray(source.heldout()[:heldout_tokens], np.float32)
-    cells = build_cells(out, records, spec=spec, source=source, heldout=heldout, opts=opts, decode=decode, on_cell=on_cell)
+    cells = []
+    for name, (spec_, source_) in (by_source or {None: (spec, source)}).items():
+        heldout = None if source_ is None else np.asarray(source_.heldout()[:heldout_tokens], np.float32)
+        mine = records if by_source is None else [r for r in records if r.get("source") == name]
+        cells += build_cells(out, mine, spec=spec_, source=source_, heldout=heldout, opts=opts, decode=decode,
+                             on_cell=on_cell)
     for c in cells:
         c.pop("stamp", None)
     data = {"title": title, "source": description, "tau": opts.tau, "k": opts.k, "cells": cells}

@@ -37,6 +37,8 @@ def figures(records: list[dict], out: Path) -> list[tuple[str, Path]]:
         made.append(_consensus_hist(best, out, fdir))
     if any(r.get("loss_recovered") is not None for r in records):
         made.append(_loss_recovered(records, fdir))
+    if len({r.get("model_heldout_acc") for r in records}) > 1 and all(r.get("model_heldout_acc") is not None for r in records):
+        made.append(_vs_model_quality(records, fdir))
     return made + [_ev_vs_l0(records, fdir)]
 
 
@@ -142,8 +144,27 @@ def _matched(best: dict, out: Path, fdir: Path):
 
 
 def series(r: dict) -> str:
-    """A record's series in figures: its recipe where the experiment names recipes, else its arch."""
-    return r.get("recipe") or r["arch"]
+    """A record's series in figures: its recipe where the experiment names recipes, else its arch;
+    prefixed by its source where the experiment names several."""
+    return (f"{r['source']}: " if r.get("source") else "") + (r.get("recipe") or r["arch"])
+
+
+def _vs_model_quality(records: list[dict], fdir: Path):
+    """PWMCC over its own cell's chance level vs the held-out accuracy of the model the
+    activations come from, one line per architecture, width and training length."""
+    fig, ax = _axes()
+    keys = sorted({(r.get("recipe") or r["arch"], r["d_sae"], r.get("epochs"), r.get("steps")) for r in records}, key=str)
+    for key in keys:
+        rs = sorted((r for r in records if (r.get("recipe") or r["arch"], r["d_sae"], r.get("epochs"), r.get("steps")) == key),
+                    key=lambda r: r["model_heldout_acc"])
+        ax.plot([r["model_heldout_acc"] for r in rs], [r["pwmcc"] / r["random_pwmcc"] for r in rs], marker="o",
+                label=f"{key[0]} w{key[1]}" + (f" {key[2]:g} ep" if key[2] is not None else f" {key[3]} steps"))
+    ax.axhline(1.0, color="k", ls=":", lw=1, label="chance")
+    ax.set_xlabel("model held-out accuracy")
+    ax.set_ylabel("PWMCC / chance (per cell)")
+    ax.set_title("Stability vs model quality", fontsize=9)
+    ax.legend(fontsize=7)
+    return "Stability vs model quality", _save(fig, fdir / "stability_vs_model_quality.png")
 
 
 def _dynamics(records: list[dict], out: Path, fdir: Path):

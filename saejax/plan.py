@@ -54,7 +54,8 @@ def resolve(exp: Experiment, source: SourcePlan) -> Plan:
 
 def cell_config(exp: Experiment, unit: Unit, cell: Cell) -> dict:
     """The config columns of a cell's record (``summary.json``), known before it trains."""
-    return {"cell": cell.id, **({"recipe": unit.recipe} if unit.recipe else {}), "arch": unit.sae.arch,
+    return {"cell": cell.id, **({"source": exp.variant} if exp.variant else {}),
+            **({"recipe": unit.recipe} if unit.recipe else {}), "arch": unit.sae.arch,
             "d_sae": unit.sae.d_sae, "d_in": unit.sae.d_in, "k": unit.sae.k if archs.get(unit.sae.arch).uses_k else None,
             "sparsity_coef": cell.coef, **({"lr": cell.lr} if cell.lr is not None else {}),
             exp.length_unit: cell.length, "steps": cell.step}
@@ -71,7 +72,8 @@ def _unit(exp: Experiment, cfg: SAEConfig, lengths: tuple, n_tokens: int | None,
     total = max(steps)
     tc = exp.train_config(lengths[steps.index(total)], recipe)
     dyn = dynamics_steps(exp.dynamics, total)
-    base = f"{recipe.name if recipe else cfg.arch}-w{cfg.d_sae}" + (f"-k{cfg.k}" if arch.uses_k else "")
+    base = (f"{exp.variant}." if exp.variant else "") + f"{recipe.name if recipe else cfg.arch}-w{cfg.d_sae}" + (
+        f"-k{cfg.k}" if arch.uses_k else "")
     cells = []
     for h, (coef, lr) in enumerate(itertools.product(coefs, lrs)):  # sweep_grid's order: coef-major
         name = base + (f"-{arch.coef.split('_')[0]}_{coef:g}" if arch.coef and coef is not None else "")
@@ -89,7 +91,15 @@ def unit_key(exp: Experiment, unit: Unit) -> str:
     from saejax.cache import fingerprint_key
 
     return fingerprint_key({
-        "version": PLAN_VERSION, "source": repr(exp.source), "sae": dataclasses.asdict(unit.sae),
+        "version": PLAN_VERSION, "source": repr(exp.source), **_source_fingerprint(exp.source),
+        "sae": dataclasses.asdict(unit.sae),
         "train": dataclasses.asdict(unit.train), "sweep": unit.sweep, "seeds": list(exp.seeds),
         "stops": list(unit.stops), "cells": [dataclasses.asdict(c) for c in unit.cells],
         "heldout_tokens": exp.heldout_tokens, "analyses": list(exp.analyses)})
+
+
+def _source_fingerprint(spec) -> dict:
+    """What the spec's ``fingerprint()`` adds to its repr (e.g. the embedded model's config key,
+    which changes with code defaults the repr does not show)."""
+    fp = getattr(spec, "fingerprint", None)
+    return {"source_fingerprint": fp()} if callable(fp) else {}

@@ -104,25 +104,33 @@ def main(argv=None, prog: str = "python -m saejax.run") -> int:
 def _main(args) -> int:
     from saejax import experiment, sharding
     from saejax.cells import check_analyses
+    from saejax.contrasts import check_plan
+    from saejax.plan import cell_config
     from saejax.store import RunStore
 
     if not args.dry_run:  # joins a multi-process job before anything touches a device (the plan does)
         sharding.maybe_initialize_distributed()
     exp = experiment.apply_overrides(experiment.load(args.experiment), args.set)
     cache_dir = Path(args.cache_dir).absolute() if args.cache_dir else None
-    check_analyses(exp, cache_dir)
-    source_plan = exp.source.plan(cache_dir)
-    check(source_plan.missing is None, f"cannot plan {exp.name}: {source_plan.missing}")
-    plan = exp.plan(source_plan)
+    plans = []  # (experiment of one source, its plan)
+    for sub in exp.variants():
+        check_analyses(sub, cache_dir)
+        source_plan = sub.source.plan(cache_dir)
+        where = f" (source {sub.variant})" if sub.variant else ""
+        check(source_plan.missing is None, f"cannot plan {exp.name}{where}: {source_plan.missing}")
+        plans.append((sub, sub.plan(source_plan)))
+    if len(plans) > 1:  # contrasts may pair cells of different sources
+        check_plan(exp.contrasts, [cell_config(sub, u, c) for sub, plan in plans for u in plan.units for c in u.cells])
     out = Path(args.out or Path("runs") / exp.name)
     store = RunStore(out)
-    print_plan(plan, store)
+    for _, plan in plans:
+        print_plan(plan, store)
     if args.dry_run:
         return 0
-    return _run(args, exp, plan, store, cache_dir)
+    return _run(args, exp, plans, store, cache_dir)
 
 
-def _run(args, exp, plan, store, cache_dir) -> int:
+def _run(args, exp, plans, store, cache_dir) -> int:
     from saejax import sharding
     from saejax.cache import cache_root, use_compile_cache
 
@@ -142,48 +150,60 @@ def _run(args, exp, plan, store, cache_dir) -> int:
         if args.fresh:
             store.clear()
         store.remove_partial_writes()
-        code = _train_all(args, exp, plan, store, cache_dir)
+        code = _train_all(args, exp, plans, store, cache_dir)
     sharding.sync("saejax run finished")  # no process exits while another still needs the coordinator
     return code
 
 
-def _train_all(args, exp, plan, store, cache_dir) -> int:
+def _build(sub, plan, cache_dir, progress: bool):
+    """The built source of one plan, checked against it, and the record columns it adds."""
     import numpy as np
 
-    from saejax import progress, sharding, summary
-    from saejax.cells import run_unit
     from saejax.data import check_finite
-    from saejax.io import write_json
-    from saejax.plan import unit_key
-    from saejax.progress import RunClock, run_order
 
-    order = run_order(plan.units)
-    clock = RunClock(tuple(plan.units[u] for u in order))
-    print(f"building the source: {exp.source.describe()}", flush=True)
-    t = time.perf_counter()
-    source = exp.source.build(cache_dir, progress=not args.no_progress)
-    clock.stage("source", time.perf_counter() - t)
+    print(f"building the source{f' {sub.variant}' if sub.variant else ''}: {sub.source.describe()}", flush=True)
+    source = sub.source.build(cache_dir, progress=progress)
     check(source.d_in == plan.source.d_in, f"the source has d_in={source.d_in}, its plan said {plan.source.d_in}")
     check(source.n_tokens == plan.source.n_tokens,
           f"the source has {source.n_tokens} training tokens, its plan said {plan.source.n_tokens}")
     # held-out rows are first used after training: a NaN there is found now (a cache names itself and the row)
-    check_finite(np.asarray(source.heldout()[: exp.heldout_tokens], np.float32),
-                 f"the held-out split of {exp.source.describe()}")
+    check_finite(np.asarray(source.heldout()[: sub.heldout_tokens], np.float32), f"the held-out split of {sub.source.describe()}")
+    columns = getattr(sub.source, "columns", None)
+    return source, (columns(cache_dir) if columns else {})
+
+
+def _train_all(args, exp, plans, store, cache_dir) -> int:
+    from saejax import progress, sharding, summary
+    from saejax.cells import run_unit
+    from saejax.io import write_json
+    from saejax.plan import unit_key
+    from saejax.progress import RunClock, run_order
+
+    units = [(v, unit) for v, (_, plan) in enumerate(plans) for unit in plan.units]
+    order = run_order([unit for _, unit in units])
+    clock = RunClock(tuple(units[i][1] for i in order))
+    built = []
+    for sub, plan in plans:
+        t = time.perf_counter()
+        built.append(_build(sub, plan, cache_dir, not args.no_progress))
+        clock.stage(f"source {sub.variant}" if sub.variant else "source", time.perf_counter() - t)
     by_unit, last_mesh = {}, None
     for i, u in enumerate(order, 1):  # architectures in turn; results in plan order
-        unit = plan.units[u]
+        v, unit = units[u]
+        sub, (source, columns) = plans[v][0], built[v]
         mesh = sharding.describe_mesh(n_members=unit.n_members, batch_size=unit.train.batch_size,
                                       shape=unit.train.mesh_shape)
         print(clock.line(i, unit) + (f"  {mesh}" if mesh != last_mesh else ""), flush=True)
         last_mesh = mesh
         t = time.perf_counter()
-        trained = store.status(store.unit_dir(unit.id, unit_key(exp, unit))) != "done"
+        trained = store.status(store.unit_dir(unit.id, unit_key(sub, unit))) != "done"
         at = []  # (steady training seconds, seconds until training ended)
-        by_unit[u] = run_unit(exp, unit, source, store, progress=not args.no_progress, cache_dir=cache_dir,
-                              on_trained=lambda r, t=t: at.append((r.steady_seconds, time.perf_counter() - t)))
+        records = run_unit(sub, unit, source, store, progress=not args.no_progress, cache_dir=cache_dir,
+                           on_trained=lambda r, t=t: at.append((r.steady_seconds, time.perf_counter() - t)))
+        by_unit[u] = [{**r, **columns} for r in records]
         clock.unit_done(unit, time.perf_counter() - t, trained, *(at[0] if at else (None, None)))
     t = time.perf_counter()
-    records = [r for u in range(len(plan.units)) for r in by_unit[u]]
+    records = [r for u in range(len(units)) for r in by_unit[u]]
     print(f"writing the report (elapsed {progress.fmt(time.perf_counter() - clock.t0)})", flush=True)
     busy = progress.bar(1 + len(records), "report: summary, contrasts, figures, then the explorer", unit="part",
                         enabled=not args.no_progress)
@@ -191,8 +211,9 @@ def _train_all(args, exp, plan, store, cache_dir) -> int:
     busy.update(1)
     from saejax.explorer import write_explorer
 
-    write_explorer(store.out, records, spec=exp.source, source=source, heldout_tokens=exp.heldout_tokens,
-                   title=exp.name, description=exp.source.describe(), on_cell=lambda: busy.update(1))
+    write_explorer(store.out, records, by_source={sub.variant: (sub.source, src) for (sub, _), (src, _) in zip(plans, built)},
+                   heldout_tokens=exp.heldout_tokens, title=exp.name, description=exp.describe_source(),
+                   on_cell=lambda: busy.update(1))
     busy.close()
     clock.stage("report", time.perf_counter() - t)
     print(summary.table(records))

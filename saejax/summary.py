@@ -45,14 +45,14 @@ def write_all(exp, records: list[dict], out: Path) -> None:
 
     figs = figures(records, out)
     write_csv(out / "summary.csv", records)
-    write_json(out / "summary.json", {"experiment": exp.name, "source": exp.source.describe(),
+    write_json(out / "summary.json", {"experiment": exp.name, "source": exp.describe_source(),
                                       "seeds": list(exp.seeds), "cells": records})
     from saejax import contrasts
     from saejax.findings import findings
 
     rows = contrasts.compute(exp.contrasts, records, out)
     found = findings(records) + [line for line in [contrasts.finding(rows)] if line]
-    md = [f"# {exp.name}", "", f"Source: {exp.source.describe()}. Seeds: {list(exp.seeds)}.", "",
+    md = [f"# {exp.name}", "", f"Source: {exp.describe_source()}. Seeds: {list(exp.seeds)}.", "",
           "## Findings", "", *found, "", "## Cells", "", table(records, markdown=True), "", "Columns are documented in saejax's `docs/columns.md`.", ""]
     if rows:
         write_json(out / "contrasts.json", rows)

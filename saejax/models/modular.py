@@ -222,7 +222,10 @@ def load_or_train(task: str = "add", *, config: ModularConfig | None = None, cac
     model, info = train_modular(cfg, progress=progress)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    from saejax.hf_models import quiet_loading
+
+    with quiet_loading():  # transformers' "Writing model shards" bar
+        model.save_pretrained(tmp)
     (tmp / "training.json").write_text(json.dumps(info, indent=1))  # written last: marks the dir complete
     try:
         os.replace(tmp, final)
@@ -269,12 +272,12 @@ def _positions(positions, length: int):
 
 
 def plan_activations(task: str = "add", layer: int = 1, site: str = "resid_post", positions="all", *,
-                     cache_dir=None) -> SourcePlan:
+                     config: ModularConfig | None = None, cache_dir=None) -> SourcePlan:
     """What :func:`modular_activations` would do and give, from the config alone (nothing trained)."""
     from saejax.activations import SITES, parse_hook
     from saejax.cache import default_heldout
 
-    cfg = default_config(task)
+    cfg = config or default_config(task)
     (layer, site), = parse_hook(site, (layer,)) if site in SITES else parse_hook(site)
     check(0 <= layer < cfg.n_layer, f"layer {layer} is out of range for the {cfg.n_layer}-layer modular model: "
                                     f"valid layers are 0..{cfg.n_layer - 1}")
