@@ -96,9 +96,35 @@ def test_notebook_is_valid_and_uses_no_deprecated_tpu_setup():
     nbformat.validate(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
     install = [c for c in code if "tpu-install" in c.metadata.get("tags", [])]
-    assert len(install) == 1 and '"jax[tpu]"' in install[0].source and "git+" in install[0].source
+    assert len(install) == 1 and '"jax[tpu]"' in install[0].source and "<owner>" not in install[0].source
     text = NOTEBOOK.read_text()
     assert "setup_tpu" not in text and "colab_tpu" not in text.replace("colab_tpu.ipynb", "")
+
+
+def test_notebook_install_cell_finds_a_wheel_a_checkout_or_says_what_is_missing(tmp_path, monkeypatch):
+    """The TPU install cell run with pip replaced by a recorder: it installs an uploaded wheel (with
+    the extras), else a checkout, else stops with one line naming what to upload."""
+    import subprocess as sp
+
+    import nbformat
+
+    cell = next(c for c in nbformat.read(str(NOTEBOOK), as_version=4).cells if "tpu-install" in c.metadata.get("tags", []))
+    calls = []
+    monkeypatch.setattr(sp, "run", lambda cmd, check: calls.append(cmd[4:]))
+    monkeypatch.delenv("SAEJAX_SOURCE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "saejax").mkdir()
+    (tmp_path / "saejax" / "pyproject.toml").write_text("")
+    exec(compile(cell.source, "install", "exec"), {})
+    assert calls == [["-q", "-U", "jax[tpu]"], ["-q", f"{tmp_path / 'saejax'}[hf,datasets]"]]  # a path, not PyPI's
+    (tmp_path / "saejax-0.1.0-py3-none-any.whl").write_text("")
+    calls.clear()
+    exec(compile(cell.source, "install", "exec"), {})
+    assert calls[1] == ["-q", f"{tmp_path / 'saejax-0.1.0-py3-none-any.whl'}[hf,datasets]"]
+    for p in tmp_path.iterdir():
+        p.unlink() if p.is_file() else (p / "pyproject.toml").unlink()
+    with pytest.raises(SystemExit, match="no wheel"):
+        exec(compile(cell.source, "install", "exec"), {})
 
 
 @pytest.mark.parametrize("n, devices, bs, shape, want", [
