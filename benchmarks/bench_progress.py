@@ -103,9 +103,12 @@ def main(argv=None) -> int:
         cache = args.cache_dir or str(Path(tmp) / "cache")
         code, events = run_in_terminal([sys.executable, "-m", "saejax.run", args.experiment, "--out",
                                         str(Path(tmp) / "out"), "--cache-dir", cache])
+        timing = Path(tmp) / "out" / "timing.json"  # the runner's own clock: stages and units
+        timing = json.loads(timing.read_text()) if timing.is_file() else None
     res = {"experiment": args.experiment, "exit": code, **analyse(events), "machine": platform.processor() or platform.machine(),
            "cpus": os.cpu_count(), "load_before": [round(x, 2) for x in load0],
-           "load_after": [round(x, 2) for x in os.getloadavg()], "date": time.strftime("%Y-%m-%d %H:%M")}
+           "load_after": [round(x, 2) for x in os.getloadavg()], "date": time.strftime("%Y-%m-%d %H:%M"),
+           "timing": timing}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(f"{args.experiment}: exit {code}, {res['runtime_s']} s, longest gap between screen updates "

@@ -4,10 +4,10 @@ and at the end where the time went.
 A unit's seconds are predicted in three parts, each from what the units already trained measured:
 compilation and setup (its training time net of the steady time, averaged over the units of its
 architecture), steady training (a line ``a + b * work`` through the units of its architecture,
-``work = members x steps x batch x d_sae x d_in``; proportional to work while there is one size
-only), and analyses (seconds per cell, a line in ``d_sae`` through every unit; their mean while
-there is one size only: much of an analysis does not grow with the width). Rates are per
-architecture because a TopK step costs several ReLU steps of the same work on a CPU. The runner
+``work = members x steps x batch x d_sae x d_in``), and analyses (seconds per cell, a line in
+``d_sae`` through every unit). While one size only is measured, a line through it with a prior
+intercept (:data:`STEADY_OFFSET_D_SAE`, :data:`ANALYSIS_OFFSET_D_SAE`): much of a step and of an
+analysis does not grow with the width. Rates are per architecture because a TopK step costs several ReLU steps of the same work on a CPU. The runner
 trains, for each architecture in turn, its largest unit, then its smallest, then the rest
 (:func:`run_order`), so the line is anchored at both ends after a few units and nothing is
 extrapolated far upwards. The report at the end is estimated per cell (:data:`REPORT_S_PER_CELL`).
@@ -59,15 +59,26 @@ def work(unit) -> float:
     return float(unit.n_members) * unit.total * unit.train.batch_size * unit.sae.d_sae * unit.sae.d_in
 
 
-def _line(xs, ys, x: float, proportional: bool = True) -> float:
+def _line(xs, ys, x: float, offset: float = 0.0) -> float:
     """``y`` at ``x`` on the least-squares line through the points where it has no negative term and
-    there are two sizes or more; else in proportion to ``x`` (or, not ``proportional``, their mean)."""
+    there are two sizes or more; else in proportion to ``x + offset`` (one size: a line through it
+    whose intercept is ``offset`` times its slope)."""
     xs, ys = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
     if len(set(xs.tolist())) >= 2:
         b, a = np.polyfit(xs, ys, 1)
         if b >= 0 and a >= 0:
             return float(a + b * x)
-    return float(x * ys.sum() / max(xs.sum(), 1e-30)) if proportional else float(ys.mean())
+    return float((x + offset) * ys.sum() / max(xs.sum() + offset * len(xs), 1e-30))
+
+
+STEADY_OFFSET_D_SAE = 256
+"""Until a second size of an architecture is measured, its steady step time is taken to grow like
+``d_sae + 256`` (not like ``d_sae``: a step has costs that do not grow with the width). Measured on
+the default grid (2-core CPU): TopK steps cost about ``30 s + 0.036 s x d_sae`` per unit, ReLU
+steps ``8 s + 0.055 s x d_sae``."""
+ANALYSIS_OFFSET_D_SAE = 600
+"""Likewise, until a second width is measured, analyses per cell grow like ``d_sae + 600``
+(default grid: about ``14 s + 0.022 s x d_sae`` per cell)."""
 
 
 @dataclass(frozen=True)
@@ -99,10 +110,12 @@ class RunClock:
         if not split:  # only whole-unit times: a line in work through them
             return _line([m.work for m in ms], [m.seconds for m in ms], work(unit))
         setup = float(np.mean([max(m.trained - m.steady, 0.0) for m in split]))
-        steady = _line([m.work for m in split], [m.steady for m in split], work(unit))
+        # work per latent of the unit: the steady time's offset is STEADY_OFFSET_D_SAE latents' worth
+        steady = _line([m.work for m in split], [m.steady for m in split], work(unit),
+                       offset=STEADY_OFFSET_D_SAE * work(unit) / unit.sae.d_sae)
         every = [m for m in self.measured if m.trained is not None]
         per_cell = _line([m.d_sae for m in every], [max(m.seconds - m.trained, 0.0) / m.cells for m in every],
-                         unit.sae.d_sae, proportional=False)
+                         unit.sae.d_sae, offset=ANALYSIS_OFFSET_D_SAE)
         return setup + steady + per_cell * _cells(unit)
 
     def remaining(self, units) -> float:

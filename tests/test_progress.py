@@ -147,7 +147,8 @@ def test_a_swallowed_interrupt_still_stops_at_the_next_chunk(tmp_path):
 
 def test_run_eta_uses_the_steady_training_time_from_the_first_unit():
     """With the trainer's steady seconds, one small unit dominated by compilation and analyses
-    already predicts a large one: setup and analyses once, training at the steady rate."""
+    already predicts a large one: setup once, training and analyses along lines through it with
+    the documented prior intercepts."""
     from types import SimpleNamespace as NS
 
     def unit(i, d_sae):
@@ -155,10 +156,12 @@ def test_run_eta_uses_the_steady_training_time_from_the_first_unit():
 
     units = (unit(0, 64), unit(1, 4096))
     clock = progress.RunClock(units)
-    steady = lambda u: 1e-6 * progress.work(u)  # noqa: E731
-    # 10 s compiling, then training, then 20 s of analyses (one cell)
-    clock.unit_done(units[0], 30.0 + steady(units[0]), True, steady(units[0]), 10.0 + steady(units[0]))
-    assert clock.predict(units[1]) == pytest.approx(30.0 + steady(units[1]))
+    per_latent = 5 * 100 * 10 * 8
+    steady = lambda u: 1e-6 * per_latent * (u.sae.d_sae + progress.STEADY_OFFSET_D_SAE)  # noqa: E731
+    analyses = lambda u: 20.0 * (u.sae.d_sae + progress.ANALYSIS_OFFSET_D_SAE) / (64 + progress.ANALYSIS_OFFSET_D_SAE)  # noqa: E731
+    # 10 s compiling, then training, then the analyses (one cell)
+    clock.unit_done(units[0], 10.0 + steady(units[0]) + 20.0, True, steady(units[0]), 10.0 + steady(units[0]))
+    assert clock.predict(units[1]) == pytest.approx(10.0 + steady(units[1]) + analyses(units[1]))
     old = progress.RunClock(units)  # without it the small unit's fixed cost is scaled 64-fold: 10x too long
     old.unit_done(units[0], 30.0 + steady(units[0]), True)
     assert old.predict(units[1]) > 10 * (30.0 + steady(units[1]))
@@ -180,10 +183,11 @@ def test_eta_rates_are_per_architecture_and_the_run_order_alternates_them():
     assert [units[i].id for i in order] == ["topk1024", "relu1024", "topk64", "relu64", "topk256", "relu256"]
     assert sorted(order) == list(range(len(units)))
     rate = {"topk": 4e-6, "relu": 1e-6}
-    cost = lambda u: 10.0 + rate[u.sae.arch] * progress.work(u)  # noqa: E731
+    steady = lambda u: rate[u.sae.arch] * progress.work(u) * (1 + progress.STEADY_OFFSET_D_SAE / u.sae.d_sae)  # noqa: E731
+    cost = lambda u: 10.0 + steady(u)  # noqa: E731
     clock = progress.RunClock(tuple(units[i] for i in order))
     for i in order[:2]:
         u = units[i]
-        clock.unit_done(u, cost(u), True, rate[u.sae.arch] * progress.work(u), cost(u))
+        clock.unit_done(u, cost(u), True, steady(u), cost(u))
     for u in units:
         assert clock.predict(u) == pytest.approx(cost(u))
