@@ -258,3 +258,22 @@ def _no_datasets(real_import):
             raise ImportError("No module named 'datasets'")
         return real_import(name, *args, **kw)
     return fake
+
+
+def test_named_sources_of_one_model_extract_in_one_pass(tmp_path, monkeypatch):
+    """Two hooks of one model in one experiment: one forward pass fills both caches, and each
+    source's build then reads the same numbers a separate extraction gives."""
+    from saejax.experiment import HF
+
+    model, corpus = save_tiny(tmp_path / "m"), write_corpus(tmp_path / "c.txt")
+    srcs = [HF(model=model, hook=h, dataset=corpus, ctx_len=8, n_tokens=120) for h in ("0.resid_post", "1.mlp_out")]
+    runs = []
+    real = A._run
+    monkeypatch.setattr(A, "_run", lambda spec, *a, **k: (runs.append(spec.points), real(spec, *a, **k))[1])
+    assert A.extract_together(srcs + [srcs[0]], cache_dir=tmp_path / "cache", progress=False) == 1
+    assert runs == [((0, "resid_post"), (1, "mlp_out"))]
+    together = [s.build(tmp_path / "cache", progress=False) for s in srcs]
+    assert len(runs) == 1  # built from the caches, no second pass
+    for s, got in zip(srcs, together):
+        alone = s.build(tmp_path / "alone", progress=False)
+        np.testing.assert_allclose(got.take(np.arange(got.n_tokens)), alone.take(np.arange(alone.n_tokens)), rtol=1e-5, atol=1e-6)
