@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-REPORT_S_PER_CELL = 0.5
+REPORT_S_PER_CELL = 1.0
 """Seconds of the final report (summary, contrasts, figures, explorer) per cell, measured on the
-default grid (16 cells, about 4-8 s on a 2-core CPU)."""
+default grid (16 cells on a 2-core CPU: 19 s on a first run, 4 s when the explorer's pages are
+already written)."""
 
 
 def fmt(seconds: float) -> str:
