@@ -281,7 +281,7 @@ def local_block(sharding: NamedSharding, shape: tuple[int, ...]) -> tuple[slice,
     its data (:func:`put_block`): with the batch split over hosts, each reads only its own rows."""
     spans = [[n, 0] for n in shape]
     for idx in sharding.addressable_devices_indices_map(shape).values():
-        for ax, sl in enumerate(idx):
+        for ax, sl in enumerate(idx if idx is not None else (slice(None),) * len(shape)):  # None: the whole array
             start, stop, _ = sl.indices(shape[ax])
             spans[ax] = [min(spans[ax][0], start), max(spans[ax][1], stop)]
     return tuple(slice(a, b) for a, b in spans)
