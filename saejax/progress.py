@@ -17,7 +17,7 @@ Before the first unit finishes the line says so instead of guessing.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -84,13 +84,15 @@ ANALYSIS_OFFSET_D_SAE = 600
 
 @dataclass(frozen=True)
 class Measured:
+    unit: str
     arch: str | None
     work: float
     d_sae: int
     cells: int
+    trained: bool  # trained in this run (else found finished: not a measurement)
     seconds: float  # the whole unit
-    steady: float | None = None  # its training at the steady rate (net of compilation)
-    trained: float | None = None  # from its start to the end of its training (the rest is analyses)
+    steady_seconds: float | None = None  # its training at the steady rate (net of compilation)
+    train_seconds: float | None = None  # from its start to the end of its training (the rest is analyses)
 
 
 @dataclass
@@ -98,24 +100,28 @@ class RunClock:
     units: tuple
     t0: float = field(default_factory=time.perf_counter)
     stages: list = field(default_factory=list)
-    measured: list = field(default_factory=list)  # a :class:`Measured` per unit trained
-    units_done: list = field(default_factory=list)  # what :meth:`to_dict` writes, per unit
+    done: list = field(default_factory=list)  # a :class:`Measured` per unit, trained or found finished
+
+    @property
+    def measured(self) -> list:
+        return [m for m in self.done if m.trained]
 
     def stage(self, name: str, seconds: float) -> None:
         self.stages.append((name, seconds))
 
     def predict(self, unit) -> float:
         """Predicted seconds of ``unit`` (see the module docstring)."""
-        ms = [m for m in self.measured if m.arch == _arch(unit)] or self.measured
-        split = [m for m in ms if m.steady is not None and m.trained is not None]
+        measured = self.measured
+        ms = [m for m in measured if m.arch == _arch(unit)] or measured
+        split = [m for m in ms if m.steady_seconds is not None and m.train_seconds is not None]
         if not split:  # only whole-unit times: a line in work through them
             return _line([m.work for m in ms], [m.seconds for m in ms], work(unit))
-        setup = float(np.mean([max(m.trained - m.steady, 0.0) for m in split]))
+        setup = float(np.mean([max(m.train_seconds - m.steady_seconds, 0.0) for m in split]))
         # work per latent of the unit: the steady time's offset is STEADY_OFFSET_D_SAE latents' worth
-        steady = _line([m.work for m in split], [m.steady for m in split], work(unit),
+        steady = _line([m.work for m in split], [m.steady_seconds for m in split], work(unit),
                        offset=STEADY_OFFSET_D_SAE * work(unit) / unit.sae.d_sae)
-        every = [m for m in self.measured if m.trained is not None]
-        per_cell = _line([m.d_sae for m in every], [max(m.seconds - m.trained, 0.0) / m.cells for m in every],
+        every = [m for m in measured if m.train_seconds is not None]
+        per_cell = _line([m.d_sae for m in every], [max(m.seconds - m.train_seconds, 0.0) / m.cells for m in every],
                          unit.sae.d_sae, offset=ANALYSIS_OFFSET_D_SAE)
         return setup + steady + per_cell * _cells(unit)
 
@@ -133,12 +139,8 @@ class RunClock:
         """``steady``: the unit's training seconds net of compilation (``TrainResult.steady_seconds``);
         ``train_seconds``: from the unit's start to the end of its training (the rest is analyses)."""
         self.stage(unit.id, seconds)
-        self.units_done.append({"unit": unit.id, "arch": _arch(unit), "d_sae": unit.sae.d_sae, "work": work(unit),
-                                "cells": _cells(unit), "trained": trained, "seconds": seconds,
-                                "steady_seconds": steady, "train_seconds": train_seconds})
-        if trained:
-            self.measured.append(Measured(_arch(unit), work(unit), unit.sae.d_sae, _cells(unit), seconds, steady,
-                                          train_seconds))
+        self.done.append(Measured(unit.id, _arch(unit), work(unit), unit.sae.d_sae, _cells(unit), trained, seconds,
+                                  steady, train_seconds))
 
     def line(self, i: int, unit) -> str:
         elapsed = time.perf_counter() - self.t0
@@ -147,7 +149,7 @@ class RunClock:
     def to_dict(self) -> dict:
         """Where the time went: every stage, and per unit its training (steady and in all) and analyses."""
         return {"seconds": time.perf_counter() - self.t0, "stages": [{"name": n, "seconds": t} for n, t in self.stages],
-                "units": self.units_done}
+                "units": [asdict(m) for m in self.done]}
 
     def summary(self) -> str:
         total = time.perf_counter() - self.t0
