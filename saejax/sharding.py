@@ -15,7 +15,7 @@ over *members* (seed x swept float); this module lays that member axis over a de
   (:func:`pad_members`) and trimmed afterwards (:func:`trim_members`).
 - Several hosts: :func:`maybe_initialize_distributed` calls ``jax.distributed.initialize()`` when
   the environment describes a multi-host job; :func:`is_main_process` gates writing results;
-  :func:`process_slice` is the rows of a batch this host reads; :func:`to_host` gathers results.
+  :func:`local_block` is the part of a batch this host reads; :func:`to_host` gathers results.
 
 Reduced precision is :mod:`saejax.precision`; the stability kernel shards its seed pairs itself
 (``saejax.stability.all_pairs(..., mesh=)``).
@@ -134,20 +134,6 @@ def from_main(tree, like):
 
     out = multihost_utils.broadcast_one_to_all(tree if is_main_process() else like)
     return jax.tree.map(lambda o, a: np.asarray(o).astype(np.asarray(a).dtype), out, like)
-
-
-def process_slice(n: int, *, index: int | None = None, count: int | None = None) -> slice:
-    """Contiguous rows of an ``n``-row batch that host ``index`` of ``count`` reads.
-
-    The first ``n % count`` hosts take one extra row, so the slices tile ``range(n)`` exactly.
-    Defaults to this process (``jax.process_index()`` of ``jax.process_count()``).
-    """
-    index = jax.process_index() if index is None else index
-    count = jax.process_count() if count is None else count
-    check(count > 0 and 0 <= index < count, f"process index must be in [0, {count}), got {index}")
-    base, extra = divmod(n, count)
-    start = index * base + min(index, extra)
-    return slice(start, start + base + (index < extra))
 
 
 # ----------------------------------------------------------------------------- meshes

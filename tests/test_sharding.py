@@ -164,13 +164,6 @@ def test_pad_and_trim_members_round_trip():
     np.testing.assert_array_equal(back["b"], tree["b"])
 
 
-def test_process_slices_tile_the_batch():
-    for n, count in [(4096, 1), (4096, 4), (10, 3), (2, 5)]:
-        rows = np.concatenate([np.arange(n)[sharding.process_slice(n, index=i, count=count)] for i in range(count)])
-        np.testing.assert_array_equal(rows, np.arange(n))
-    assert sharding.process_slice(10) == slice(0, 10)  # one process reads everything
-
-
 @pytest.mark.parametrize("env, multi_host", [
     ({}, False),
     ({"SAEJAX_DISTRIBUTED": "1"}, True),
