@@ -3,6 +3,8 @@
 import json
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
@@ -29,6 +31,7 @@ from saejax.stability import (
     simulate_baseline,
     stability_report,
 )
+from saejax.stability.kernel import top_k_rows
 
 
 def rand(rng, *shape):
@@ -78,6 +81,33 @@ def test_pair_kernel_equals_brute_force(n_a, n_b, d, k, chunk, signed):
     np.testing.assert_array_equal(st.col_arg, ref.argmax(0))
     check_topk(st.row_topk, st.row_topk_idx, ref, k)
     check_topk(st.col_topk, st.col_topk_idx, ref.T, k)
+
+
+@pytest.mark.parametrize("rows,n,k", [(7, 4096, 32), (5, 1000, 8), (3, 2500, 16), (4, 777, 1), (6, 40, 5)])
+def test_top_k_rows_equals_lax_top_k(rows, n, k):
+    """The block-maxima top-k (used from a few hundred columns up) against lax.top_k, on fresh
+    random rows and on rows of heavily tied small integers (values must agree exactly)."""
+    rng = np.random.default_rng(n + k)
+    for s in (rng.standard_normal((rows, n)).astype(np.float32),
+              rng.integers(0, 50, (rows, n)).astype(np.float32)):
+        v, i = top_k_rows(jnp.asarray(s), k)
+        rv, ri = jax.lax.top_k(jnp.asarray(s), k)
+        np.testing.assert_array_equal(np.asarray(v), np.asarray(rv))
+        np.testing.assert_array_equal(np.take_along_axis(s, np.asarray(i), axis=1), np.asarray(rv))
+        assert all(len(set(r)) == k for r in np.asarray(i).tolist())  # k distinct columns
+        if s.dtype == np.float32 and len(np.unique(s)) == s.size:  # no ties: the same columns
+            np.testing.assert_array_equal(np.asarray(i), np.asarray(ri))
+
+
+def test_pair_kernel_on_wide_dictionaries_equals_brute_force():
+    rng = np.random.default_rng(3)
+    a, b = rand(rng, 300, 24), rand(rng, 2500, 24)
+    st = pair_stats(a, b, top_k=8, chunk=128)
+    ref = brute_scores(a, b)
+    check_topk(st.row_topk, st.row_topk_idx, ref, 8)
+    check_topk(st.col_topk, st.col_topk_idx, ref.T, 8)
+    np.testing.assert_array_equal(st.row_arg, ref.argmax(1))
+    np.testing.assert_array_equal(st.col_arg, ref.argmax(0))
 
 
 def test_all_pairs_equals_brute_force_for_every_pair():

@@ -7,8 +7,9 @@ rows ``W_dec``, or encoder rows ``W_enc.T``) the kernel scores every pair of row
 
 and returns, per row of ``A`` and per row of ``B`` ("column"), the best score, its index and the
 ``k`` best candidates. The ``[n_a, n_b]`` matrix is never held whole: rows of ``A`` are processed
-in chunks inside a ``lax.scan``, column results are merged chunk by chunk, and seed pairs are
-walked by ``lax.map``, so memory is ``O(chunk * n_b)`` whatever the number of seeds. Matmuls run at
+in chunks inside a ``lax.scan``, once as rows of ``A`` against ``B`` and once the other way round
+(each row's top-k taken by :func:`top_k_rows`), and seed pairs are walked by ``lax.map``, so
+memory is ``O(chunk * n_b)`` whatever the number of seeds. Matmuls run at
 ``Precision.HIGHEST`` (true float32; TPUs and recent GPUs otherwise use bf16 passes).
 """
 
@@ -110,27 +111,55 @@ def normalize(x: jax.Array) -> jax.Array:
 
 
 def default_chunk(n_b: int) -> int:
-    """Rows of ``A`` per scan step: about 64M scores (256 MB) per chunk, between 512 and 2048.
-
-    Large chunks matter: every step merges each column's top-k with the chunk's, so the merge
-    work is ``n_a * n_b * k / chunk``; at n=16k, k=32 a 1024-row chunk runs 2x faster than 64.
-    """
+    """Rows of ``A`` per scan step: about 64M scores (256 MB) per chunk, between 512 and 2048."""
     return int(min(2048, max(512, 1 << max(0, (2**26 // max(n_b, 1)).bit_length() - 1))))
 
 
-def _pair_kernel(a, b, row_ok, col_ok, *, k: int, chunk: int, signed: bool, masked: bool) -> PairStats:
-    """Chunked scores of normalised ``a`` against normalised ``b``; see the module docstring."""
-    n_a, d = a.shape
-    n_b = b.shape[0]
-    n_chunks = -(-n_a // chunk)
-    pad = n_chunks * chunk - n_a
-    a_c = jnp.pad(a, ((0, pad), (0, 0))).reshape(n_chunks, chunk, d)
-    ok_c = jnp.pad(row_ok, (0, pad)).reshape(n_chunks, chunk)  # padding rows are never candidates
-    offsets = jnp.arange(n_chunks, dtype=jnp.int32) * chunk
+def top_k_rows(s: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """``lax.top_k(s, k)`` of a ``[rows, n]`` table, exactly, at a fraction of its cost on large ``n``.
 
-    def step(carry, xs):
-        best_v, best_i = carry
-        ac, okc, off = xs
+    Columns are split into ``g`` interleaved blocks (block ``b`` holds columns ``b, b + w, b + 2w,
+    ...``); a block's maximum is an elementwise ``maximum`` over ``g`` column slices, which every
+    backend vectorises. The ``k`` blocks with the largest maxima hold the row's ``k`` largest
+    values (any value outside them is below ``k`` distinct block maxima), so one ``top_k`` over
+    ``w`` block maxima and one over the ``g * k`` gathered candidates replace a ``top_k`` over
+    ``n``. Candidates are gathered in column order, so equal values keep the lowest index as
+    ``lax.top_k`` does; only a tie at the ``k``-th value across an unselected block can name a
+    different column of the same score. (XLA:CPU's ``top_k`` costs ~10 ns per element and a fixed
+    amount per row; this cuts the elements ~10x at ``n = 16k``, ``k = 32``.)
+    """
+    rows, n = s.shape
+    if k == 1:
+        return jnp.max(s, axis=1, keepdims=True), jnp.argmax(s, axis=1, keepdims=True).astype(jnp.int32)
+    w = 1 << max(0, int(np.sqrt(n * k)).bit_length() - 1)  # block count ~ sqrt(n k) minimises w + g k
+    g = n // w
+    if w <= k or w + (g + 1) * k >= n // 2:
+        v, i = lax.top_k(s, k)
+        return v, i.astype(jnp.int32)
+    main = s[:, : g * w].reshape(rows, g, w)
+    tail = jnp.pad(s[:, g * w:], ((0, 0), (0, w - (n - g * w))), constant_values=-jnp.inf)[:, None, :]
+    parts = [main[:, j] for j in range(g)] + ([tail[:, 0]] if n > g * w else [])
+    while len(parts) > 1:  # a balanced tree of elementwise maxima
+        parts = [jnp.maximum(x, y) for x, y in zip(parts[::2], parts[1::2])] + parts[len(parts) // 2 * 2:]
+    _, blocks = lax.top_k(parts[0], k)
+    blocks = jnp.sort(blocks, axis=1)[:, None, :]  # [rows, 1, k], ascending: candidates in column order
+    cand = jnp.take_along_axis(main, blocks, axis=2)
+    if n > g * w:
+        cand = jnp.concatenate([cand, jnp.take_along_axis(tail, blocks, axis=2)], axis=1)
+    v, pos = lax.top_k(cand.reshape(rows, -1), k)
+    col = (pos // k) * w + jnp.take_along_axis(blocks[:, 0], pos % k, axis=1)
+    return v, col.astype(jnp.int32)
+
+
+def _directed(a, b, col_ok, *, k: int, chunk: int, signed: bool, masked: bool):
+    """Each row of normalised ``a`` against every row of normalised ``b``: its ``k`` best scores and
+    their indices ``[n_a, k]``, computed ``chunk`` rows at a time (rows of ``b`` with ``col_ok``
+    False are never candidates)."""
+    n_a, d = a.shape
+    n_chunks = -(-n_a // chunk)
+    a_c = jnp.pad(a, ((0, n_chunks * chunk - n_a), (0, 0))).reshape(n_chunks, chunk, d)
+
+    def step(_, ac):
         s = lax.dot_general(ac, b, (((1,), (1,)), ((), ())), precision=HIGHEST)
         # Keeps XLA:CPU from fusing the matmul into its consumers (abs, top-k), which replaces the
         # library GEMM by a slower generated loop; costs nothing on accelerators.
@@ -138,22 +167,23 @@ def _pair_kernel(a, b, row_ok, col_ok, *, k: int, chunk: int, signed: bool, mask
         if not signed:
             s = jnp.abs(s)
         if masked:
-            rv, ri = lax.top_k(jnp.where(col_ok[None, :], s, MASKED), k)
-        else:
-            rv, ri = lax.top_k(s, k)
-        if masked or pad:
-            s = jnp.where(okc[:, None], s, MASKED)
-        cv, ci = lax.top_k(s.T, min(k, chunk))  # a chunk may hold fewer than k rows
-        # Earlier chunks come first, so ties keep the lowest row index (as np.argmax does).
-        v = jnp.concatenate([best_v, cv], axis=1)
-        i = jnp.concatenate([best_i, ci + off], axis=1)
-        tv, pos = lax.top_k(v, k)
-        return (tv, jnp.take_along_axis(i, pos, axis=1)), (rv, ri)
+            s = jnp.where(col_ok[None, :], s, MASKED)
+        return None, top_k_rows(s, k)
 
-    init = (jnp.full((n_b, k), 2 * MASKED, a.dtype), jnp.zeros((n_b, k), jnp.int32))
-    (cv, ci), (rv, ri) = lax.scan(step, init, (a_c, ok_c, offsets))
-    rv = rv.reshape(n_chunks * chunk, k)[:n_a]
-    ri = ri.reshape(n_chunks * chunk, k)[:n_a].astype(jnp.int32)
+    _, (v, i) = lax.scan(step, None, a_c)
+    return v.reshape(n_chunks * chunk, k)[:n_a], i.reshape(n_chunks * chunk, k)[:n_a]
+
+
+def _pair_kernel(a, b, row_ok, col_ok, *, k: int, chunk: int, signed: bool, masked: bool) -> PairStats:
+    """Rows of ``a`` against ``b``, then rows of ``b`` against ``a``; see the module docstring.
+
+    Two passes cost two matmuls, but each row's top-k is then taken over a whole row at once,
+    which is far cheaper than merging every column's top-k chunk by chunk (3.97 s -> ~1.9 s for a
+    16k x 16k pair at ``d = 128``, ``k = 32`` on a 2-core CPU).
+    """
+    opts = dict(k=k, signed=signed, masked=masked)
+    rv, ri = _directed(a, b, col_ok, chunk=chunk, **opts)
+    cv, ci = _directed(b, a, row_ok, chunk=min(chunk, b.shape[0]), **opts)
     return PairStats(rv[:, 0], ri[:, 0], rv, ri, cv[:, 0], ci[:, 0], cv, ci)
 
 
