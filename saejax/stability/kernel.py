@@ -8,7 +8,7 @@ rows ``W_dec``, or encoder rows ``W_enc.T``) the kernel scores every pair of row
 and returns, per row of ``A`` and per row of ``B`` ("column"), the best score, its index and the
 ``k`` best candidates. The ``[n_a, n_b]`` matrix is never held whole: rows of ``A`` are processed
 in chunks inside a ``lax.scan``, once as rows of ``A`` against ``B`` and once the other way round
-(each row's top-k taken by :func:`top_k_rows`), and seed pairs are walked by ``lax.map``, so
+(each row's top-k taken by :func:`saejax.topk.top_k_rows`), and seed pairs are walked by ``lax.map``, so
 memory is ``O(chunk * n_b)`` whatever the number of seeds. Matmuls run at
 ``Precision.HIGHEST`` (true float32; TPUs and recent GPUs otherwise use bf16 passes).
 """
@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from saejax.errors import check
 from saejax.sharding import pad_members, put, to_host, trim_members
+from saejax.topk import top_k_rows
 
 HIGHEST = lax.Precision.HIGHEST
 MASKED = -3.0
@@ -113,42 +114,6 @@ def normalize(x: jax.Array) -> jax.Array:
 def default_chunk(n_b: int) -> int:
     """Rows of ``A`` per scan step: about 64M scores (256 MB) per chunk, between 512 and 2048."""
     return int(min(2048, max(512, 1 << max(0, (2**26 // max(n_b, 1)).bit_length() - 1))))
-
-
-def top_k_rows(s: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """``lax.top_k(s, k)`` of a ``[rows, n]`` table, exactly, at a fraction of its cost on large ``n``.
-
-    Columns are split into ``g`` interleaved blocks (block ``b`` holds columns ``b, b + w, b + 2w,
-    ...``); a block's maximum is an elementwise ``maximum`` over ``g`` column slices, which every
-    backend vectorises. The ``k`` blocks with the largest maxima hold the row's ``k`` largest
-    values (any value outside them is below ``k`` distinct block maxima), so one ``top_k`` over
-    ``w`` block maxima and one over the ``g * k`` gathered candidates replace a ``top_k`` over
-    ``n``. Candidates are gathered in column order, so equal values keep the lowest index as
-    ``lax.top_k`` does; only a tie at the ``k``-th value across an unselected block can name a
-    different column of the same score. (XLA:CPU's ``top_k`` costs ~10 ns per element and a fixed
-    amount per row; this cuts the elements ~10x at ``n = 16k``, ``k = 32``.)
-    """
-    rows, n = s.shape
-    if k == 1:
-        return jnp.max(s, axis=1, keepdims=True), jnp.argmax(s, axis=1, keepdims=True).astype(jnp.int32)
-    w = 1 << max(0, int(np.sqrt(n * k)).bit_length() - 1)  # block count ~ sqrt(n k) minimises w + g k
-    g = n // w
-    if w <= k or w + (g + 1) * k >= n // 2:
-        v, i = lax.top_k(s, k)
-        return v, i.astype(jnp.int32)
-    main = s[:, : g * w].reshape(rows, g, w)
-    tail = jnp.pad(s[:, g * w:], ((0, 0), (0, w - (n - g * w))), constant_values=-jnp.inf)[:, None, :]
-    parts = [main[:, j] for j in range(g)] + ([tail[:, 0]] if n > g * w else [])
-    while len(parts) > 1:  # a balanced tree of elementwise maxima
-        parts = [jnp.maximum(x, y) for x, y in zip(parts[::2], parts[1::2])] + parts[len(parts) // 2 * 2:]
-    _, blocks = lax.top_k(parts[0], k)
-    blocks = jnp.sort(blocks, axis=1)[:, None, :]  # [rows, 1, k], ascending: candidates in column order
-    cand = jnp.take_along_axis(main, blocks, axis=2)
-    if n > g * w:
-        cand = jnp.concatenate([cand, jnp.take_along_axis(tail, blocks, axis=2)], axis=1)
-    v, pos = lax.top_k(cand.reshape(rows, -1), k)
-    col = (pos // k) * w + jnp.take_along_axis(blocks[:, 0], pos % k, axis=1)
-    return v, col.astype(jnp.int32)
 
 
 def _directed(a, b, col_ok, *, k: int, chunk: int, signed: bool, masked: bool):
