@@ -31,6 +31,7 @@ from saejax.stability import (
     simulate_baseline,
     stability_report,
 )
+from saejax.stability.kernel import two_passes
 from saejax.topk import top_k_rows
 
 
@@ -69,6 +70,8 @@ def check_topk(vals, idx, ref, k):
     (64, 64, 32, 1, 64, False),
     (100, 29, 24, 7, 33, True),  # wider first dictionary, signed scores
     (5, 130, 8, 3, 2, False),
+    (37, 53, 200, 5, 8, False),  # d > 16 k + 128: one pass, columns merged chunk by chunk
+    (100, 29, 300, 7, 33, True),
 ])
 def test_pair_kernel_equals_brute_force(n_a, n_b, d, k, chunk, signed):
     rng = np.random.default_rng(n_a * 1000 + n_b)
@@ -123,9 +126,11 @@ def test_all_pairs_equals_brute_force_for_every_pair():
         check_topk(out.stats.col_topk[p], out.stats.col_topk_idx[p], ref.T, 4)
 
 
-def test_kernel_masks_dead_latents():
+@pytest.mark.parametrize("d", [8, 200])  # two passes, one pass
+def test_kernel_masks_dead_latents(d):
     rng = np.random.default_rng(2)
-    a, b = rand(rng, 30, 8), rand(rng, 40, 8)
+    assert two_passes(d, 3) == (d == 8)  # both code paths are exercised
+    a, b = rand(rng, 30, d), rand(rng, 40, d)
     ok_a, ok_b = rng.random(30) > 0.3, rng.random(40) > 0.3
     st = pair_stats(a, b, top_k=3, chunk=7, alive_a=ok_a, alive_b=ok_b)
     ref = brute_scores(a, b)

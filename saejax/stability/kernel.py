@@ -7,8 +7,9 @@ rows ``W_dec``, or encoder rows ``W_enc.T``) the kernel scores every pair of row
 
 and returns, per row of ``A`` and per row of ``B`` ("column"), the best score, its index and the
 ``k`` best candidates. The ``[n_a, n_b]`` matrix is never held whole: rows of ``A`` are processed
-in chunks inside a ``lax.scan``, once as rows of ``A`` against ``B`` and once the other way round
-(each row's top-k taken by :func:`saejax.topk.top_k_rows`), and seed pairs are walked by ``lax.map``, so
+in chunks inside a ``lax.scan`` (each row's top-k by :func:`saejax.topk.top_k_rows`; the columns'
+either merged chunk by chunk or from a second pass of ``B`` against ``A``, whichever
+:func:`two_passes` finds cheaper), and seed pairs are walked by ``lax.map``, so
 memory is ``O(chunk * n_b)`` whatever the number of seeds. Matmuls run at
 ``Precision.HIGHEST`` (true float32; TPUs and recent GPUs otherwise use bf16 passes).
 """
@@ -116,39 +117,62 @@ def default_chunk(n_b: int) -> int:
     return int(min(2048, max(512, 1 << max(0, (2**26 // max(n_b, 1)).bit_length() - 1))))
 
 
-def _directed(a, b, col_ok, *, k: int, chunk: int, signed: bool, masked: bool):
-    """Each row of normalised ``a`` against every row of normalised ``b``: its ``k`` best scores and
-    their indices ``[n_a, k]``, computed ``chunk`` rows at a time (rows of ``b`` with ``col_ok``
-    False are never candidates)."""
-    n_a, d = a.shape
-    n_chunks = -(-n_a // chunk)
-    a_c = jnp.pad(a, ((0, n_chunks * chunk - n_a), (0, 0))).reshape(n_chunks, chunk, d)
+def two_passes(d: int, k: int) -> bool:
+    """Whether :func:`_pair_kernel` runs two directed passes (two matmuls, each row's top-k over a
+    whole row) rather than one pass that merges every column's top-k chunk by chunk.
 
-    def step(_, ac):
+    Measured on a 2-core CPU at n = 4k and 16k (``benchmarks/README.md``): two passes win while the
+    matmul is cheap next to the merges, up to about ``d = 256`` at ``k = 8`` and ``d = 600`` at
+    ``k = 32`` (16k x 16k, d = 128, k = 32: 3.9 s -> 2.0 s; d = 768, k = 8: one pass 4.5 s, two 6.2 s).
+    """
+    return d <= 16 * k + 128
+
+
+def _scan(a, b, row_ok, col_ok, *, k: int, chunk: int, signed: bool, masked: bool, columns: bool):
+    """Rows of normalised ``a`` against all of normalised ``b``, ``chunk`` rows at a time: each row's
+    ``k`` best scores and indices ``[n_a, k]`` (rows of ``b`` with ``col_ok`` False are never
+    candidates); with ``columns``, also each row of ``b``'s ``k`` best over ``a`` ``[n_b, k]``,
+    merged chunk by chunk (rows of ``a`` with ``row_ok`` False are never candidates), else None."""
+    n_a, d = a.shape
+    n_b = b.shape[0]
+    n_chunks = -(-n_a // chunk)
+    pad = n_chunks * chunk - n_a
+    a_c = jnp.pad(a, ((0, pad), (0, 0))).reshape(n_chunks, chunk, d)
+    ok_c = jnp.pad(row_ok, (0, pad)).reshape(n_chunks, chunk)  # padding rows are never candidates
+    offsets = jnp.arange(n_chunks, dtype=jnp.int32) * chunk
+
+    def step(carry, xs):
+        ac, okc, off = xs
         s = lax.dot_general(ac, b, (((1,), (1,)), ((), ())), precision=HIGHEST)
         # Keeps XLA:CPU from fusing the matmul into its consumers (abs, top-k), which replaces the
         # library GEMM by a slower generated loop; costs nothing on accelerators.
         s = lax.optimization_barrier(s)
         if not signed:
             s = jnp.abs(s)
-        if masked:
-            s = jnp.where(col_ok[None, :], s, MASKED)
-        return None, top_k_rows(s, k)
+        rows = top_k_rows(jnp.where(col_ok[None, :], s, MASKED) if masked else s, k)
+        if not columns:
+            return carry, rows
+        if masked or pad:
+            s = jnp.where(okc[:, None], s, MASKED)
+        cv, ci = top_k_rows(s.T, min(k, chunk))  # a chunk may hold fewer than k rows
+        # Earlier chunks come first, so ties keep the lowest row index (as np.argmax does).
+        tv, pos = lax.top_k(jnp.concatenate([carry[0], cv], axis=1), k)
+        return (tv, jnp.take_along_axis(jnp.concatenate([carry[1], ci + off], axis=1), pos, axis=1)), rows
 
-    _, (v, i) = lax.scan(step, None, a_c)
-    return v.reshape(n_chunks * chunk, k)[:n_a], i.reshape(n_chunks * chunk, k)[:n_a]
+    init = (jnp.full((n_b, k), 2 * MASKED, a.dtype), jnp.zeros((n_b, k), jnp.int32)) if columns else None
+    cols, (v, i) = lax.scan(step, init, (a_c, ok_c, offsets))
+    return v.reshape(n_chunks * chunk, k)[:n_a], i.reshape(n_chunks * chunk, k)[:n_a], cols
 
 
 def _pair_kernel(a, b, row_ok, col_ok, *, k: int, chunk: int, signed: bool, masked: bool) -> PairStats:
-    """Rows of ``a`` against ``b``, then rows of ``b`` against ``a``; see the module docstring.
-
-    Two passes cost two matmuls, but each row's top-k is then taken over a whole row at once,
-    which is far cheaper than merging every column's top-k chunk by chunk (3.97 s -> ~1.9 s for a
-    16k x 16k pair at ``d = 128``, ``k = 32`` on a 2-core CPU).
-    """
-    opts = dict(k=k, signed=signed, masked=masked)
-    rv, ri = _directed(a, b, col_ok, chunk=chunk, **opts)
-    cv, ci = _directed(b, a, row_ok, chunk=min(chunk, b.shape[0]), **opts)
+    """Rows of ``a`` against ``b`` and rows of ``b`` against ``a``, in one or two passes
+    (:func:`two_passes`); see the module docstring."""
+    scan = partial(_scan, k=k, signed=signed, masked=masked)
+    if two_passes(a.shape[1], k):
+        rv, ri, _ = scan(a, b, row_ok, col_ok, chunk=chunk, columns=False)
+        cv, ci, _ = scan(b, a, col_ok, row_ok, chunk=min(chunk, b.shape[0]), columns=False)
+    else:
+        rv, ri, (cv, ci) = scan(a, b, row_ok, col_ok, chunk=chunk, columns=True)
     return PairStats(rv[:, 0], ri[:, 0], rv, ri, cv[:, 0], ci[:, 0], cv, ci)
 
 
