@@ -91,26 +91,35 @@ def test_top_k_rows_equals_lax_top_k(rows, n, k):
     """The block-maxima top-k (used from 256 k columns up, with and without a ragged tail) against lax.top_k, on fresh
     random rows and on rows of heavily tied small integers (values must agree exactly)."""
     rng = np.random.default_rng(n + k)
-    for s in (rng.standard_normal((rows, n)).astype(np.float32),
-              rng.integers(0, 50, (rows, n)).astype(np.float32)):
+    mostly_masked = np.where(rng.random((rows, n)) < 0.995, MASKED, rng.standard_normal((rows, n))).astype(np.float32)
+    for s in (rng.standard_normal((rows, n)).astype(np.float32), rng.integers(0, 50, (rows, n)).astype(np.float32),
+              mostly_masked, jnp.asarray(rng.standard_normal((rows, n)), jnp.bfloat16)):
         v, i = top_k_rows(jnp.asarray(s), k)
         rv, ri = jax.lax.top_k(jnp.asarray(s), k)
         np.testing.assert_array_equal(np.asarray(v), np.asarray(rv))
-        np.testing.assert_array_equal(np.take_along_axis(s, np.asarray(i), axis=1), np.asarray(rv))
+        np.testing.assert_array_equal(np.take_along_axis(np.asarray(s), np.asarray(i), axis=1), np.asarray(rv))
         assert all(len(set(r)) == k for r in np.asarray(i).tolist())  # k distinct columns
         if s.dtype == np.float32 and len(np.unique(s)) == s.size:  # no ties: the same columns
             np.testing.assert_array_equal(np.asarray(i), np.asarray(ri))
 
 
-def test_pair_kernel_on_wide_dictionaries_equals_brute_force():
+@pytest.mark.parametrize("n_a,n_b,d,k,chunk,masked", [
+    (300, 2500, 24, 8, 128, False),  # rows of b through the block top-k
+    (1100, 300, 24, 2, 128, True),  # two passes: the second pass's rows (of b) through the block top-k
+    (1100, 700, 200, 2, 600, True),  # one pass: the chunk's column top-k through the block top-k, last chunk padded
+    (2600, 40, 16, 4, 64, False),  # very unequal widths: the second pass takes 1 row of b per step
+])
+def test_pair_kernel_on_wide_dictionaries_equals_brute_force(n_a, n_b, d, k, chunk, masked):
     rng = np.random.default_rng(3)
-    a, b = rand(rng, 300, 24), rand(rng, 2500, 24)
-    st = pair_stats(a, b, top_k=8, chunk=128)
+    a, b = rand(rng, n_a, d), rand(rng, n_b, d)
+    ok_a, ok_b = (rng.random(n_a) > 0.3, rng.random(n_b) > 0.3) if masked else (np.ones(n_a, bool), np.ones(n_b, bool))
+    st = pair_stats(a, b, top_k=k, chunk=chunk, **(dict(alive_a=ok_a, alive_b=ok_b) if masked else {}))
     ref = brute_scores(a, b)
-    check_topk(st.row_topk, st.row_topk_idx, ref, 8)
-    check_topk(st.col_topk, st.col_topk_idx, ref.T, 8)
-    np.testing.assert_array_equal(st.row_arg, ref.argmax(1))
-    np.testing.assert_array_equal(st.col_arg, ref.argmax(0))
+    rows, cols = np.where(ok_b[None, :], ref, MASKED), np.where(ok_a[:, None], ref, MASKED).T
+    check_topk(st.row_topk, st.row_topk_idx, rows, k)
+    check_topk(st.col_topk, st.col_topk_idx, cols, k)
+    np.testing.assert_array_equal(st.row_arg, rows.argmax(1))
+    np.testing.assert_array_equal(st.col_arg, cols.argmax(1))
 
 
 def test_all_pairs_equals_brute_force_for_every_pair():

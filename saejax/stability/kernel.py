@@ -155,7 +155,7 @@ def _scan(a, b, row_ok, col_ok, *, k: int, chunk: int, signed: bool, masked: boo
         if masked or pad:
             s = jnp.where(okc[:, None], s, MASKED)
         cv, ci = top_k_rows(s.T, min(k, chunk))  # a chunk may hold fewer than k rows
-        # Earlier chunks come first, so ties keep the lowest row index (as np.argmax does).
+        # Earlier chunks come first, so ties keep the lower row index (but see top_k_rows on ties).
         tv, pos = lax.top_k(jnp.concatenate([carry[0], cv], axis=1), k)
         return (tv, jnp.take_along_axis(jnp.concatenate([carry[1], ci + off], axis=1), pos, axis=1)), rows
 
@@ -166,11 +166,13 @@ def _scan(a, b, row_ok, col_ok, *, k: int, chunk: int, signed: bool, masked: boo
 
 def _pair_kernel(a, b, row_ok, col_ok, *, k: int, chunk: int, signed: bool, masked: bool) -> PairStats:
     """Rows of ``a`` against ``b`` and rows of ``b`` against ``a``, in one or two passes
-    (:func:`two_passes`); see the module docstring."""
+    (:func:`two_passes`); see the module docstring. With two passes the row and column scores of
+    one pair come from two matmuls and can differ in the last float32 bit."""
     scan = partial(_scan, k=k, signed=signed, masked=masked)
     if two_passes(a.shape[1], k):
         rv, ri, _ = scan(a, b, row_ok, col_ok, chunk=chunk, columns=False)
-        cv, ci, _ = scan(b, a, col_ok, row_ok, chunk=min(chunk, b.shape[0]), columns=False)
+        n_a, n_b = a.shape[0], b.shape[0]  # rows of b per step: the same chunk * n_b scores as the first pass
+        cv, ci, _ = scan(b, a, col_ok, row_ok, chunk=max(1, min(n_b, chunk * n_b // n_a)), columns=False)
     else:
         rv, ri, (cv, ci) = scan(a, b, row_ok, col_ok, chunk=chunk, columns=True)
     return PairStats(rv[:, 0], ri[:, 0], rv, ri, cv[:, 0], ci[:, 0], cv, ci)
