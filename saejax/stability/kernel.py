@@ -174,7 +174,9 @@ def _pair_kernel(a, b, row_ok, col_ok, *, k: int, chunk: int, signed: bool, mask
         n_a, n_b = a.shape[0], b.shape[0]  # rows of b per step: the same chunk * n_b scores as the first pass
         cv, ci, _ = scan(b, a, col_ok, row_ok, chunk=max(1, min(n_b, chunk * n_b // n_a)), columns=False)
     else:
-        rv, ri, (cv, ci) = scan(a, b, row_ok, col_ok, chunk=chunk, columns=True)
+        rv, ri, cols = scan(a, b, row_ok, col_ok, chunk=chunk, columns=True)
+        assert cols is not None  # returned with columns=True
+        cv, ci = cols
     return PairStats(rv[:, 0], ri[:, 0], rv, ri, cv[:, 0], ci[:, 0], cv, ci)
 
 
