@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -297,19 +297,17 @@ def extract_together(sources, *, cache_dir=None, progress: bool = True) -> int:
     """Extract the :class:`HF` sources among ``sources`` that share a model, corpus and settings
     (differing only in their hook) in one pass each group: one forward per batch for every hook.
     Each source's ``build`` then finds its cache. Returns the number of passes made."""
-    import dataclasses
-
     groups: dict[str, list[ExtractSpec]] = {}
     for src in sources:
         if isinstance(src, HF):
             spec, kw = spec_from_source(src)
-            groups.setdefault(repr((dataclasses.replace(spec, layers=(0,), sites=("resid_post",)), kw)), []).append(spec)
+            groups.setdefault(repr((replace(spec, layers=(0,), sites=("resid_post",)), kw)), []).append(spec)
     passes = 0
     for specs in groups.values():
         points = list(dict.fromkeys(p for s in specs for p in s.points))
         if len(points) < 2:
             continue
-        merged = dataclasses.replace(specs[0], layers=(), sites=tuple(f"blocks.{layer}.hook_{site}" for layer, site in points))
+        merged = replace(specs[0], layers=(), sites=tuple(f"blocks.{layer}.hook_{site}" for layer, site in points))
         extract(merged, cache_dir=cache_dir, progress=progress)
         passes += 1
     return passes

@@ -182,7 +182,7 @@ def _train_all(args, exp, plans, store, cache_dir) -> int:
     units = [(v, unit) for v, (_, plan) in enumerate(plans) for unit in plan.units]
     order = run_order([unit for _, unit in units])
     clock = RunClock(tuple(units[i][1] for i in order))
-    if len(plans) > 1 and any(type(sub.source).__name__ == "HF" for sub, _ in plans):
+    if len(plans) > 1:  # HF sources sharing a model: one extraction pass for all (others are left alone)
         from saejax.activations import extract_together
 
         extract_together([sub.source for sub, _ in plans], cache_dir=cache_dir, progress=not args.no_progress)
