@@ -11,7 +11,7 @@ and contrasts: TopK vs ReLU, 50 vs 20 epochs, 128 vs 1024 latents. The study fou
 trained PWMCC ~0.30 at 20 epochs (= random) and ~0.36 at 50; the matched-regime follow-up found
 d_sae near the effective rank (~64-128) clearly above random. The transformer is trained by
 saejax on first use and cached.
-Runtime: 6 min 50 s to 8 min 33 s on a 2-core AMD EPYC VM at load 0.9-1.6 from an empty cache
+Runtime: 6 min 50 s to 9 min on a 2-core AMD EPYC VM at load 0.9-1.8 from an empty cache
 (training the modular model included); 14 min while a test suite shared the cores.
 """
 
