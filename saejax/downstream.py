@@ -7,7 +7,12 @@ KL divergence to the clean predictions and the fraction of loss recovered
     recovered = (CE_ablated - CE_spliced) / (CE_ablated - CE_clean)
 
 (zero-ablation as the reference, as in Bricken et al. 2023 / SAELens; mean-ablation is reported
-too). The model forward with a replaced activation is :func:`saejax.hf_models.patched_logits`.\n\n:func:`modular_downstream` runs both analyses on the embedded modular model, :func:`hf_downstream`\non any Hugging Face source (:class:`saejax.activations.HF`).
+too). The model forward with a replaced activation is :func:`saejax.hf_models.patched_logits`;
+the blocks before the patched site run once per batch (:func:`saejax.hf_models.frozen_prefix`).
+
+:func:`modular_downstream` runs both analyses on the embedded modular model, :func:`hf_downstream`
+on any Hugging Face source (:class:`saejax.activations.HF`). Within one process the loaded model
+and the activations every cell shares are computed once (the runner calls these per cell).
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from functools import lru_cache, partial
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from saejax import archs, sae
@@ -42,11 +49,17 @@ def next_token_scores(logits: np.ndarray, targets: np.ndarray, clean_logp: np.nd
     return out
 
 
+@partial(jax.jit, static_argnums=0)
+def _reconstruct(cfg, params: dict, x, threshold):
+    return sae.decode(params, sae.encode(cfg, params, x, threshold))
+
+
 def sae_reconstructor(cfg, params: dict, threshold: float | None = None) -> Callable[[np.ndarray], np.ndarray]:
-    """``x -> decode(encode(x))`` for one SAE in raw activation units (BatchTopK: its threshold)."""
+    """``x -> decode(encode(x))`` for one SAE in raw activation units (BatchTopK: its threshold).
+    One compiled program per SAE config and batch shape, shared by every seed."""
     thr = archs.get(cfg.arch).threshold(None if threshold is None else np.float32(threshold))
-    fn = jax.jit(lambda p, x: sae.decode(p, sae.encode(cfg, p, x, thr)))
-    return lambda x: np.asarray(fn(params, np.asarray(x, np.float32)))
+    params = jax.tree.map(jnp.asarray, params)
+    return lambda x: np.asarray(_reconstruct(cfg, params, np.asarray(x, np.float32), thr))
 
 
 def _sums(logits: np.ndarray, targets: np.ndarray, clean_logp: np.ndarray) -> np.ndarray:
@@ -70,7 +83,7 @@ def splice(model, input_ids: np.ndarray, targets: np.ndarray, layer: int, site: 
     (None = every position). Controls ``clean``, ``zero`` and ``mean`` (needs ``mean``, the
     activation mean) are always included. Scores accumulate batch by batch (no logits are kept).
     """
-    from saejax.hf_models import patched_logits
+    from saejax.hf_models import frozen_prefix, patched_logits
 
     check(input_ids.shape == targets.shape, f"targets {targets.shape} must match input_ids {input_ids.shape}")
     funcs = {"clean": None, "zero": np.zeros_like}
@@ -82,10 +95,11 @@ def splice(model, input_ids: np.ndarray, targets: np.ndarray, layer: int, site: 
         ids, tg = input_ids[i:i + batch], targets[i:i + batch]
         am = None if attention_mask is None else attention_mask[i:i + batch]
         clean_logp = None
-        for name, f in funcs.items():
-            logits = patched_logits(model, ids, layer, site, f, positions=positions, attention_mask=am, blocks=blocks)
-            clean_logp = _log_softmax(logits.astype(np.float64)) if clean_logp is None else clean_logp
-            sums[name] += _sums(logits, tg, clean_logp)
+        with frozen_prefix(model, layer, site, blocks):  # the blocks before the patch run once per batch
+            for name, f in funcs.items():
+                logits = patched_logits(model, ids, layer, site, f, positions=positions, attention_mask=am, blocks=blocks)
+                clean_logp = _log_softmax(logits.astype(np.float64)) if clean_logp is None else clean_logp
+                sums[name] += _sums(logits, tg, clean_logp)
     res = {k: {"ce": v[0] / v[3], "acc": v[1] / v[3], "kl": v[2] / v[3]} for k, v in sums.items()}
     for ref in ("zero", "mean"):
         if ref not in res:
@@ -119,54 +133,62 @@ def modular_downstream(spec, cfg, raw_params: dict, thresholds, seeds, *, analys
     ridge probe of :func:`saejax.probe.fit_probe` (113 classes on up to 1024 latents).
     Returns ``(columns for summary.json, full report)``.
     """
-    from saejax.models.modular import modular_model
-
-    mm = modular_model(spec.task, config=spec.config(), cache_dir=cache_dir, progress=False)
+    mm = _modular_model(spec.task, spec.config(), cache_dir)
     n_pos = mm.data["ids"].shape[1]
     positions = None if spec.positions == "all" else [n_pos - 1] if spec.positions == "last" else list(spec.positions)
     per_seed = [{k: np.asarray(v[i]) for k, v in raw_params.items()} for i in range(len(seeds))]
     recon = {f"seed{s}": sae_reconstructor(cfg, p, float(t)) for s, p, t in zip(seeds, per_seed, thresholds)}
     cols, rep = {}, {}
     if "splice" in analyses:
-        rep["splice"] = _modular_splice(mm, spec, recon, positions)
+        rep["splice"] = _modular_splice(mm, spec, recon, positions, cache_dir)
         cols.update(_splice_columns(rep["splice"], seeds))
     if "probe" in analyses:
-        probe_rep, probe_cols = _modular_probe(mm, spec, cfg, per_seed, thresholds)
+        probe_rep, probe_cols = _modular_probe(mm, spec, cfg, per_seed, thresholds, cache_dir)
         rep.update(probe_rep)
         cols.update(probe_cols)
     return cols, rep
 
 
-def _modular_splice(mm, spec, recon: dict[str, Callable], positions: list[int] | None) -> dict:
-    """:func:`splice` on the held-out prompts, scoring the answer token (last position); the
-    mean-ablation control is the activation mean over the training prompts."""
+@lru_cache(maxsize=1)
+def _modular_model(task: str, config, cache_dir):
+    from saejax.models.modular import modular_model
+
+    return modular_model(task, config=config, cache_dir=cache_dir, progress=False)
+
+
+@lru_cache(maxsize=2)
+def _modular_acts(task: str, config, cache_dir, layer: int, site: str) -> np.ndarray:
+    """``[prompts, T, d]``: the activation at ``(layer, site)`` of every prompt (read-only)."""
     import torch
 
     from saejax.activations import capture
 
-    ids = mm.data["ids"]
-    held = ids[mm.heldout_idx]
+    mm = _modular_model(task, config, cache_dir)
+    with torch.no_grad():
+        acts = capture(mm.model, torch.as_tensor(mm.data["ids"]), [(layer, site)])[(layer, site)].float().numpy()
+    acts.flags.writeable = False
+    return acts
+
+
+def _modular_splice(mm, spec, recon: dict[str, Callable], positions: list[int] | None, cache_dir) -> dict:
+    """:func:`splice` on the held-out prompts, scoring the answer token (last position); the
+    mean-ablation control is the activation mean over the training prompts."""
+    held = mm.data["ids"][mm.heldout_idx]
     targets = np.full(held.shape, -1, np.int64)
     targets[:, -1] = mm.data["answer"][mm.heldout_idx]
-    with torch.no_grad():
-        acts = capture(mm.model, torch.as_tensor(ids[mm.train_idx]), [(spec.layer, spec.site)])[(spec.layer, spec.site)]
+    acts = _modular_acts(spec.task, spec.config(), cache_dir, spec.layer, spec.site)[mm.train_idx]
     sel = acts if positions is None else acts[:, positions]
-    mean = sel.reshape(-1, sel.shape[-1]).mean(0).numpy()
+    mean = sel.reshape(-1, sel.shape[-1]).mean(0)
     return splice(mm.model, held, targets, spec.layer, spec.site, recon, positions=positions, mean=mean)
 
 
-def _modular_probe(mm, spec, cfg, per_seed: list[dict], thresholds) -> tuple[dict, dict]:
+def _modular_probe(mm, spec, cfg, per_seed: list[dict], thresholds, cache_dir) -> tuple[dict, dict]:
     """Ridge probes of raw activations vs each seed's latents at the ``=`` position of every
     prompt (labels: the answer, and the operation for the combined task), then the latent usage
     table. Returns ``(report entries "probe" and "usage", columns)``."""
-    import torch
-
-    from saejax.activations import capture
     from saejax.probe import probe_seeds
 
-    with torch.no_grad():
-        last = capture(mm.model, torch.as_tensor(mm.data["ids"]), [(spec.layer, spec.site)])[(spec.layer, spec.site)][:, -1]
-    raw = last.float().numpy()
+    raw = np.array(_modular_acts(spec.task, spec.config(), cache_dir, spec.layer, spec.site)[:, -1])
     latents = np.stack([np.asarray(sae.encode(cfg, p, raw, archs.get(cfg.arch).threshold(None if t is None else np.float32(t))))
                         for p, t in zip(per_seed, thresholds)])
     labels = {"answer": mm.data["answer"]}
@@ -274,6 +296,27 @@ def _probe_inputs(ex, info, tok, path: str, label_field: str) -> tuple[list[list
     return seqs, last, np.array([classes.index(str(r[label_field])) for r in rows])
 
 
+@lru_cache(maxsize=1)
+def _hf_model(model_dir: str, dtype: str):
+    """The model (eval mode) and tokenizer of a local directory, loaded once per process."""
+    from transformers import AutoTokenizer
+
+    from saejax.hf_models import load_model
+
+    return load_model(model_dir, dtype), AutoTokenizer.from_pretrained(model_dir)
+
+
+@lru_cache(maxsize=2)
+def _hf_probe_data(model_dir: str, ex, info, path: str, label: str, stamp) -> tuple[np.ndarray, np.ndarray]:
+    """Raw activations and class indices of a probe dataset (``stamp``: the file's mtime and size)."""
+    model, tok = _hf_model(model_dir, ex.dtype)
+    seqs, last, y = _probe_inputs(ex, info, tok, path, label)
+    (layer, site), = ex.points
+    raw = _probe_acts(model, seqs, last, layer, site, ex.blocks, tok.pad_token_id if tok.pad_token_id is not None else 0)
+    raw.flags.writeable = y.flags.writeable = False
+    return raw, y
+
+
 def _probe_acts(model, seqs, last, layer, site, blocks, pad: int, batch: int = 16) -> np.ndarray:
     import torch
 
@@ -303,11 +346,9 @@ def hf_downstream(spec, cfg, raw_params: dict, thresholds, seeds, *, analyses=("
     raw vs each seed's latents (:func:`saejax.probe.probe_seeds`). Returns ``(columns, report)``
     with the columns of :func:`modular_downstream`.
     """
-    from transformers import AutoTokenizer
-
     from saejax.activations import hf_source, locate, spec_from_source
     from saejax.errors import ConfigError
-    from saejax.hf_models import auto_class_name, load_model, materialize
+    from saejax.hf_models import auto_class_name, materialize
     from saejax.probe import probe_seeds
 
     ex, _ = spec_from_source(spec)
@@ -319,7 +360,7 @@ def hf_downstream(spec, cfg, raw_params: dict, thresholds, seeds, *, analyses=("
     head = auto_class_name(model_dir, ref.info)
     if "splice" in analyses and head == "AutoModel":
         raise ConfigError(f"splice is not available for {ref.info.name}: it has no LM head")
-    model, tok = load_model(model_dir, ex.dtype), AutoTokenizer.from_pretrained(model_dir)
+    model, tok = _hf_model(str(model_dir), ex.dtype)
     per_seed = _per_seed(raw_params, thresholds, seeds)
     cols, rep = {}, {}
     if "splice" in analyses:
@@ -333,9 +374,9 @@ def hf_downstream(spec, cfg, raw_params: dict, thresholds, seeds, *, analyses=("
     if "probe" in analyses:
         check(getattr(spec, "probe_dataset", None), f"the probe analysis on {ref.info.name} needs probe_dataset= "
                                                     f"(a .jsonl with 'text' and a label field)")
-        seqs, last, y = _probe_inputs(ex, ref.info, tok, spec.probe_dataset, getattr(spec, "probe_label", "label"))
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        raw = _probe_acts(model, seqs, last, layer, site, ex.blocks, pad)
+        path, label = spec.probe_dataset, getattr(spec, "probe_label", "label")
+        stamp = os.stat(path) if os.path.isfile(path) else None
+        raw, y = _hf_probe_data(str(model_dir), ex, ref.info, path, label, stamp and (stamp.st_mtime_ns, stamp.st_size))
         latents = np.stack([np.asarray(sae.encode(cfg, p, raw, archs.get(cfg.arch).threshold(None if t is None else np.float32(t))))
                             for p, t in per_seed])
         pr = probe_seeds(raw, latents, y)

@@ -337,3 +337,52 @@ def patched_logits(model, input_ids, layer: int, site: str, replace, *, position
             handle.remove()
     check(hasattr(out, "logits"), f"model {type(model).__name__} has no LM head (its output has no logits)")
     return out.logits.float().cpu().numpy()
+
+
+@contextmanager
+def frozen_prefix(model, layer: int, site: str, blocks: str | None = None):
+    """Forwards of one batch that patch ``(layer, site)`` run only the blocks the patch can change.
+
+    The first forward in the block records what each block upstream of the patch returns
+    (blocks ``0..layer`` for ``resid_post``, ``0..layer-1`` for the other sites); later forwards
+    get those outputs back, cloned, instead of running the blocks again. A splice test that scores
+    several replacements on the same inputs then runs the shared prefix once. Only valid while the
+    inputs stay the same (one block per batch): a block fed hidden states of another shape raises.
+    """
+    import torch
+
+    layers = find_blocks(model, blocks)
+    _check_points(layers, [(layer, site)])
+    mod, when = site_module(layers[layer], site)
+    upstream = layers[:layer + 1] if mod is layers[layer] and when == "out" else layers[:layer]
+    saved: dict[int, tuple] = {}
+
+    def clone(o):
+        if isinstance(o, torch.Tensor):
+            return o.clone()
+        return type(o)(clone(x) for x in o) if isinstance(o, (tuple, list)) else o
+
+    def replay(i):
+        def forward(*args, **kwargs):
+            shape, out = saved[i]
+            got = tuple((args[0] if args else kwargs["hidden_states"]).shape)
+            if got != shape:
+                raise RuntimeError(f"frozen_prefix: block {i} was recorded on inputs {shape}, now fed {got}")
+            return clone(out)
+        return forward
+
+    def record(i):
+        def hook(block, args, kwargs, out):
+            saved[i] = (tuple((args[0] if args else kwargs["hidden_states"]).shape), clone(out))
+            handles[i].remove()
+            block.forward = replay(i)  # the instance attribute shadows the class's forward
+        return hook
+
+    handles = [b.register_forward_hook(record(i), with_kwargs=True) for i, b in enumerate(upstream)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for b in upstream:
+            b.__dict__.pop("forward", None)
