@@ -54,6 +54,15 @@ def _reconstruct(cfg, params: dict, x, threshold):
     return sae.decode(params, sae.encode(cfg, params, x, threshold))
 
 
+_encode = jax.jit(sae.encode, static_argnums=0)
+
+
+def seed_latents(cfg, seeds: list[tuple[dict, float | None]], x: np.ndarray) -> np.ndarray:
+    """``[S, n, d_sae]``: the latents of ``x`` under each ``(params, threshold)`` (BatchTopK: its trained threshold)."""
+    thr = archs.get(cfg.arch).threshold
+    return np.stack([np.asarray(_encode(cfg, p, x, thr(None if t is None else np.float32(t)))) for p, t in seeds])
+
+
 def sae_reconstructor(cfg, params: dict, threshold: float | None = None) -> Callable[[np.ndarray], np.ndarray]:
     """``x -> decode(encode(x))`` for one SAE in raw activation units (BatchTopK: its threshold).
     One compiled program per SAE config and batch shape, shared by every seed."""
@@ -189,8 +198,7 @@ def _modular_probe(mm, spec, cfg, per_seed: list[dict], thresholds, cache_dir) -
     from saejax.probe import probe_seeds
 
     raw = np.array(_modular_acts(spec.task, spec.config(), cache_dir, spec.layer, spec.site)[:, -1])
-    latents = np.stack([np.asarray(sae.encode(cfg, p, raw, archs.get(cfg.arch).threshold(None if t is None else np.float32(t))))
-                        for p, t in zip(per_seed, thresholds)])
+    latents = seed_latents(cfg, list(zip(per_seed, thresholds)), raw)
     labels = {"answer": mm.data["answer"]}
     if spec.task == "both":
         labels["op"] = mm.data["op"]
@@ -377,8 +385,7 @@ def hf_downstream(spec, cfg, raw_params: dict, thresholds, seeds, *, analyses=("
         path, label = spec.probe_dataset, getattr(spec, "probe_label", "label")
         stamp = os.stat(path) if os.path.isfile(path) else None
         raw, y = _hf_probe_data(str(model_dir), ex, ref.info, path, label, stamp and (stamp.st_mtime_ns, stamp.st_size))
-        latents = np.stack([np.asarray(sae.encode(cfg, p, raw, archs.get(cfg.arch).threshold(None if t is None else np.float32(t))))
-                            for p, t in per_seed])
+        latents = seed_latents(cfg, per_seed, raw)
         pr = probe_seeds(raw, latents, y)
         rep["probe"] = {"label": pr}
         cols["probe_label_raw_acc"], cols["probe_label_sae_acc"] = pr["raw"]["test_acc"], pr["sae_mean"]
