@@ -305,8 +305,9 @@ def _probe_inputs(ex, info, tok, path: str, label_field: str) -> tuple[list[list
 
 
 @lru_cache(maxsize=1)
-def _hf_model(model_dir: str, dtype: str):
-    """The model (eval mode) and tokenizer of a local directory, loaded once per process."""
+def _hf_model(model_dir: str, dtype: str, weights: str):
+    """The model (eval mode) and tokenizer of a local directory, loaded once per process per
+    ``weights`` identity (a directory saved again with other weights loads again)."""
     from transformers import AutoTokenizer
 
     from saejax.hf_models import load_model
@@ -315,9 +316,9 @@ def _hf_model(model_dir: str, dtype: str):
 
 
 @lru_cache(maxsize=2)
-def _hf_probe_data(model_dir: str, ex, info, path: str, label: str, stamp) -> tuple[np.ndarray, np.ndarray]:
+def _hf_probe_data(model_dir: str, weights: str, ex, info, path: str, label: str, stamp) -> tuple[np.ndarray, np.ndarray]:
     """Raw activations and class indices of a probe dataset (``stamp``: the file's mtime and size)."""
-    model, tok = _hf_model(model_dir, ex.dtype)
+    model, tok = _hf_model(model_dir, ex.dtype, weights)
     seqs, last, y = _probe_inputs(ex, info, tok, path, label)
     (layer, site), = ex.points
     raw = _probe_acts(model, seqs, last, layer, site, ex.blocks, tok.pad_token_id if tok.pad_token_id is not None else 0)
@@ -363,12 +364,12 @@ def hf_downstream(spec, cfg, raw_params: dict, thresholds, seeds, *, analyses=("
     (layer, site), = ex.points
     ref = locate(ex.model, ex.revision, cache_dir=cache_dir)
     reader = hf_source(spec, cache_dir=cache_dir, progress=False)
-    model_dir, _ = materialize(ref, cache_dir)
+    model_dir, weights = materialize(ref, cache_dir)
     assert ref.info is not None  # materialize raised ConfigError if the model is missing
     head = auto_class_name(model_dir, ref.info)
     if "splice" in analyses and head == "AutoModel":
         raise ConfigError(f"splice is not available for {ref.info.name}: it has no LM head")
-    model, tok = _hf_model(str(model_dir), ex.dtype)
+    model, tok = _hf_model(str(model_dir), ex.dtype, weights)
     per_seed = _per_seed(raw_params, thresholds, seeds)
     cols, rep = {}, {}
     if "splice" in analyses:
@@ -384,7 +385,7 @@ def hf_downstream(spec, cfg, raw_params: dict, thresholds, seeds, *, analyses=("
                                                     f"(a .jsonl with 'text' and a label field)")
         path, label = spec.probe_dataset, getattr(spec, "probe_label", "label")
         stamp = os.stat(path) if os.path.isfile(path) else None
-        raw, y = _hf_probe_data(str(model_dir), ex, ref.info, path, label, stamp and (stamp.st_mtime_ns, stamp.st_size))
+        raw, y = _hf_probe_data(str(model_dir), weights, ex, ref.info, path, label, stamp and (stamp.st_mtime_ns, stamp.st_size))
         latents = seed_latents(cfg, per_seed, raw)
         pr = probe_seeds(raw, latents, y)
         rep["probe"] = {"label": pr}

@@ -345,44 +345,64 @@ def frozen_prefix(model, layer: int, site: str, blocks: str | None = None):
 
     The first forward in the block records what each block upstream of the patch returns
     (blocks ``0..layer`` for ``resid_post``, ``0..layer-1`` for the other sites); later forwards
-    get those outputs back, cloned, instead of running the blocks again. A splice test that scores
-    several replacements on the same inputs then runs the shared prefix once. Only valid while the
-    inputs stay the same (one block per batch): a block fed hidden states of another shape raises.
+    get those outputs back, cloned, instead of running the blocks again (hooks on those blocks
+    still run, on the recorded output, as in a real call). A splice test that scores several
+    replacements on the same inputs then runs the shared prefix once. Only valid for the same
+    inputs (one block per batch): other ``input_ids`` or ``attention_mask`` raise, and so does a
+    block that runs twice in one forward (shared or looped blocks cannot be replayed).
     """
     import torch
 
     layers = find_blocks(model, blocks)
     _check_points(layers, [(layer, site)])
     mod, when = site_module(layers[layer], site)
-    upstream = layers[:layer + 1] if mod is layers[layer] and when == "out" else layers[:layer]
-    saved: dict[int, tuple] = {}
+    upstream = list(layers[:layer + 1] if mod is layers[layer] and when == "out" else layers[:layer])
+    saved: dict[int, Any] = {}
+    state: dict[str, Any] = {"done": False, "inputs": None}
 
     def clone(o):
         if isinstance(o, torch.Tensor):
             return o.clone()
         return type(o)(clone(x) for x in o) if isinstance(o, (tuple, list)) else o
 
-    def replay(i):
+    def same(a, b) -> bool:
+        return (a is None and b is None) or (a is not None and b is not None and a.shape == b.shape and torch.equal(a, b))
+
+    def wrap(i, real):
         def forward(*args, **kwargs):
-            shape, out = saved[i]
-            got = tuple((args[0] if args else kwargs["hidden_states"]).shape)
-            if got != shape:
-                raise RuntimeError(f"frozen_prefix: block {i} was recorded on inputs {shape}, now fed {got}")
-            return clone(out)
+            if state["done"]:
+                return clone(saved[i])
+            if i in saved:
+                raise RuntimeError(f"frozen_prefix: block {i} ran twice in one forward; shared or looped blocks "
+                                   "cannot be replayed")
+            out = real(*args, **kwargs)
+            saved[i] = clone(out)
+            return out
         return forward
 
-    def record(i):
-        def hook(block, args, kwargs, out):
-            saved[i] = (tuple((args[0] if args else kwargs["hidden_states"]).shape), clone(out))
-            handles[i].remove()
-            block.forward = replay(i)  # the instance attribute shadows the class's forward
-        return hook
+    def before(_, args, kwargs):
+        got = (kwargs.get("input_ids", args[0] if args else None), kwargs.get("attention_mask"))
+        if state["inputs"] is None:
+            state["inputs"] = tuple(clone(t) for t in got)
+        elif not all(same(a, b) for a, b in zip(got, state["inputs"])):
+            raise RuntimeError("frozen_prefix: the model was fed other inputs than the first forward in the block")
+        if not state["done"]:
+            saved.clear()  # an interrupted first forward (a capture that stops early) records again
 
-    handles = [b.register_forward_hook(record(i), with_kwargs=True) for i, b in enumerate(upstream)]
+    def after(*_):
+        state["done"] = len(saved) == len(upstream)
+
+    prior = [b.__dict__.get("forward") for b in upstream]
+    for i, b in enumerate(upstream):
+        b.forward = wrap(i, b.forward)  # the instance attribute shadows the class's forward
+    handles = [model.register_forward_pre_hook(before, with_kwargs=True), model.register_forward_hook(after)]
     try:
         yield
     finally:
         for h in handles:
             h.remove()
-        for b in upstream:
-            b.__dict__.pop("forward", None)
+        for b, f in zip(upstream, prior):
+            if f is None:
+                b.__dict__.pop("forward", None)
+            else:
+                b.forward = f

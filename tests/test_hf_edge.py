@@ -243,30 +243,43 @@ def test_hf_downstream_splice_and_probe(tmp_path):
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "bert-mlm", "distilbert"])
 def test_frozen_prefix_forwards_equal_full_forwards_and_skip_the_prefix(kind):
     """Inside ``frozen_prefix`` the blocks upstream of the patch replay their recorded outputs:
-    every patched forward equals the same forward run in full, and block 0 runs once in all."""
+    every patched forward (the first one patched too) equals the same forward run in full, a hook
+    already on an upstream block still acts once per forward, and each upstream block runs once."""
     model = tiny(kind)
     rng = np.random.default_rng(0)
     ids = rng.integers(len(SPECIAL), len(SPECIAL) + len(WORDS), (3, 7))
     am = np.ones_like(ids)
     am[0, 5:] = 0  # a padded row: the attention mask must reach the replayed and the recomputed blocks
-    block0 = M.find_blocks(model)[0]
-    calls = []
-    inner = next(m for m in block0.modules() if m is not block0)  # runs only when block 0 really runs
-    inner.register_forward_hook(lambda *_: calls.append(1))
-    funcs = [None, np.zeros_like, lambda x: 0.5 * x + 1.0, lambda x: x[::-1].copy()]
+    blocks = M.find_blocks(model)
+    # a steering hook on block 0: on replay it must act on the recorded (unsteered) output again
+    blocks[0].register_forward_hook(lambda m, a, o: (o[0] + 0.1, *o[1:]) if isinstance(o, tuple) else o + 0.1)
+    calls = [[] for _ in blocks]
+    for b, c in zip(blocks, calls):  # a submodule runs only when its block really runs
+        next(m for m in b.modules() if m is not b).register_forward_hook(lambda *_, c=c: c.append(1))
+    funcs = [np.zeros_like, None, lambda x: 0.5 * x + 1.0, lambda x: x[::-1].copy()]
     for layer in (0, 1):
         for site in ("resid_pre", "resid_post", "mlp_out", "attn_out"):
             for positions in (None, [2, 4]):
                 kw = dict(positions=positions, attention_mask=am)
                 full = [M.patched_logits(model, ids, layer, site, f, **kw) for f in funcs]
-                calls.clear()
+                for c in calls:
+                    c.clear()
                 with M.frozen_prefix(model, layer, site):
                     fast = [M.patched_logits(model, ids, layer, site, f, **kw) for f in funcs]
                 for i, (a, b) in enumerate(zip(full, fast)):
                     np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6, err_msg=f"{kind} {layer} {site} {positions} func {i}")
-                frozen = layer > 0 or site == "resid_post"  # block 0 is upstream of the patch
-                assert len(calls) == (1 if frozen else len(funcs)), (kind, layer, site, len(calls))
-                assert "forward" not in block0.__dict__  # restored on exit
-    with M.frozen_prefix(model, 1, "resid_post"), pytest.raises(RuntimeError, match="recorded on inputs"):
+                n_up = layer + 1 if site == "resid_post" else layer
+                assert [len(c) for c in calls] == [1] * n_up + [len(funcs)] * (len(blocks) - n_up), (kind, layer, site)
+                assert not any("forward" in b.__dict__ for b in blocks)  # restored on exit
+    with M.frozen_prefix(model, 1, "resid_post"), pytest.raises(RuntimeError, match="other inputs"):
         M.patched_logits(model, ids, 1, "resid_post", None)
-        M.patched_logits(model, ids[:2], 1, "resid_post", None)  # another batch inside one block
+        M.patched_logits(model, ids[::-1].copy(), 1, "resid_post", None)  # another batch inside one block
+
+
+def test_frozen_prefix_refuses_a_block_that_runs_twice():
+    model = tiny("gpt2")
+    model.transformer.h[1] = model.transformer.h[0]  # weight-shared blocks: one module, two depths
+    ids = np.arange(len(SPECIAL), len(SPECIAL) + 6)[None]
+    with M.frozen_prefix(model, 1, "resid_post"), pytest.raises(RuntimeError, match="ran twice"):
+        M.patched_logits(model, ids, 1, "resid_post", None)
+    assert "forward" not in model.transformer.h[0].__dict__
