@@ -147,12 +147,13 @@ def modular_downstream(spec, cfg, raw_params: dict, thresholds, seeds, *, analys
     positions = None if spec.positions == "all" else [n_pos - 1] if spec.positions == "last" else list(spec.positions)
     per_seed = [{k: np.asarray(v[i]) for k, v in raw_params.items()} for i in range(len(seeds))]
     recon = {f"seed{s}": sae_reconstructor(cfg, p, float(t)) for s, p, t in zip(seeds, per_seed, thresholds)}
+    acts = _modular_acts(spec.task, spec.config(), cache_dir, spec.layer, spec.site)
     cols, rep = {}, {}
     if "splice" in analyses:
-        rep["splice"] = _modular_splice(mm, spec, recon, positions, cache_dir)
+        rep["splice"] = _modular_splice(mm, spec, recon, positions, acts)
         cols.update(_splice_columns(rep["splice"], seeds))
     if "probe" in analyses:
-        probe_rep, probe_cols = _modular_probe(mm, spec, cfg, per_seed, thresholds, cache_dir)
+        probe_rep, probe_cols = _modular_probe(mm, spec, cfg, per_seed, thresholds, acts)
         rep.update(probe_rep)
         cols.update(probe_cols)
     return cols, rep
@@ -179,25 +180,26 @@ def _modular_acts(task: str, config, cache_dir, layer: int, site: str) -> np.nda
     return acts
 
 
-def _modular_splice(mm, spec, recon: dict[str, Callable], positions: list[int] | None, cache_dir) -> dict:
+def _modular_splice(mm, spec, recon: dict[str, Callable], positions: list[int] | None, acts: np.ndarray) -> dict:
     """:func:`splice` on the held-out prompts, scoring the answer token (last position); the
-    mean-ablation control is the activation mean over the training prompts."""
+    mean-ablation control is the activation mean over the training prompts (``acts``: every
+    prompt's activation at the hooked site)."""
     held = mm.data["ids"][mm.heldout_idx]
     targets = np.full(held.shape, -1, np.int64)
     targets[:, -1] = mm.data["answer"][mm.heldout_idx]
-    acts = _modular_acts(spec.task, spec.config(), cache_dir, spec.layer, spec.site)[mm.train_idx]
+    acts = acts[mm.train_idx]
     sel = acts if positions is None else acts[:, positions]
     mean = sel.reshape(-1, sel.shape[-1]).mean(0)
     return splice(mm.model, held, targets, spec.layer, spec.site, recon, positions=positions, mean=mean)
 
 
-def _modular_probe(mm, spec, cfg, per_seed: list[dict], thresholds, cache_dir) -> tuple[dict, dict]:
+def _modular_probe(mm, spec, cfg, per_seed: list[dict], thresholds, acts: np.ndarray) -> tuple[dict, dict]:
     """Ridge probes of raw activations vs each seed's latents at the ``=`` position of every
     prompt (labels: the answer, and the operation for the combined task), then the latent usage
     table. Returns ``(report entries "probe" and "usage", columns)``."""
     from saejax.probe import probe_seeds
 
-    raw = np.array(_modular_acts(spec.task, spec.config(), cache_dir, spec.layer, spec.site)[:, -1])
+    raw = np.array(acts[:, -1])
     latents = seed_latents(cfg, list(zip(per_seed, thresholds)), raw)
     labels = {"answer": mm.data["answer"]}
     if spec.task == "both":

@@ -10,8 +10,9 @@ intercept (:data:`STEADY_OFFSET_D_SAE`, :data:`ANALYSIS_OFFSET_D_SAE`): much of 
 analysis does not grow with the width. Rates are per architecture because a TopK step costs
 several ReLU steps of the same work on a CPU. The runner trains, for each architecture in turn,
 its largest unit, then its smallest, then the rest (:func:`run_order`), so the line is anchored
-at both ends after a few units and nothing is extrapolated far upwards. The report at the end is estimated per cell (:data:`REPORT_S_PER_CELL`).
-Before the first unit finishes the line says so instead of guessing.
+at both ends after a few units and nothing is extrapolated far upwards. The report at the end is
+estimated per cell (:data:`REPORT_S_PER_CELL`). Before the first unit finishes the line says so
+instead of guessing.
 """
 
 from __future__ import annotations
