@@ -73,6 +73,9 @@ class Arch:
     """``[B, d_sae]`` arrays alive in a dense training step (for :func:`saejax.train.member_bytes`)."""
     sparse_step: Callable | None = None
     """``(cfg, params, x, dead) -> Step`` for ``kernel="sparse"``, or None (dense only)."""
+    sparse_arrays: int = 0
+    """``[B, d_sae]`` arrays alive in its sparse step (BatchTopK's batch-wide top-k needs the whole
+    pre-activations; TopK's encoder works in token chunks)."""
     saelens: str = "standard"
     """Architecture name in SAELens' ``cfg.json``."""
     to_saelens: Callable = _no_tensors
@@ -252,9 +255,16 @@ def _topk_sparse(cfg, params, x, dead):
     return sparse_topk_step(cfg, params, x, dead)
 
 
+def _batchtopk_sparse(cfg, params, x, dead):
+    from saejax.sae import sparse_batchtopk_step
+
+    return sparse_batchtopk_step(cfg, params, x, dead)
+
+
 register(Arch("topk", _topk_train, _topk_infer, uses_k=True, dense_arrays=9, sparse_step=_topk_sparse,
               saelens="topk", cfg_fields=("k",)))
 register(Arch("batchtopk", _batchtopk_train, _batchtopk_infer, uses_k=True, ema_threshold=True, dense_arrays=9,
+              sparse_step=_batchtopk_sparse, sparse_arrays=4,
               saelens="jumprelu", to_saelens=_batchtopk_export, from_saelens=_jump_load, loads_as="jumprelu"))
 register(Arch("relu", _relu_train, _relu_infer, coef="l1_coef", dense_arrays=4))
 register(Arch("jumprelu", _jump_train, _jump_infer, coef="l0_coef", extra_params=_jump_params, dense_arrays=7,

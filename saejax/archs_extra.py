@@ -66,17 +66,40 @@ def _matryoshka_step(cfg, params, x, hp, dead, ramp):
 
     pre = sae.pre_acts(params, x)
     z, _, min_kept = _matryoshka_train(cfg, params, pre, hp, ramp)
-    bounds = (0, *matryoshka_prefixes(cfg))
-    x_hat = jnp.broadcast_to(params["b_dec"], x.shape)
-    losses = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        x_hat = x_hat + z[:, lo:hi] @ params["W_dec"][lo:hi]
-        losses.append(jnp.mean(jnp.sum((x - x_hat) ** 2, axis=1)))
-    terms = jnp.stack(losses[:-1]) if len(losses) > 1 else jnp.zeros((0,), x.dtype)
+    x_hat, terms = _prefix_losses(cfg, params, x, lambda lo, hi: z[:, lo:hi] @ params["W_dec"][lo:hi])
     aux = jnp.zeros((), x.dtype)
     if cfg.n_aux > 0:
         aux = sae.auxk_loss(cfg, params, pre, jax.lax.stop_gradient(x - x_hat), dead)
     return sae.Step(x_hat, jnp.any(z > 0, axis=0), jnp.mean(jnp.sum(z > 0, axis=1)), terms, aux, min_kept)
+
+
+def _matryoshka_sparse(cfg, params, x, dead):
+    """The same numbers through the BatchTopK entry kernels: each prefix group decodes the entries
+    of its own latents (the others' values masked to 0), ``O(k B d_in)`` per group."""
+    from saejax import kernels_batch, sae
+
+    vals, tok, lat, aux_vals, aux_idx = sae.batchtopk_entries(cfg, params, x, dead)
+
+    def part(lo, hi):
+        v = jnp.where((lat >= lo) & (lat < hi), vals, 0.0)
+        return kernels_batch.decode_entries(v, tok, lat, params["W_dec"], x.shape[0])
+
+    x_hat, terms = _prefix_losses(cfg, params, x, part)
+    fired, l0, min_kept = sae.entry_stats(cfg, vals, lat, x.shape[0])
+    aux = sae.sparse_auxk(cfg, params, x, x_hat, dead, aux_vals, aux_idx)
+    return sae.Step(x_hat, fired, l0, terms, aux, min_kept)
+
+
+def _prefix_losses(cfg, params, x, part):
+    """``x_hat`` of the full dictionary and the losses of the smaller prefixes, ``part(lo, hi)``
+    being the decode of latents ``lo..hi-1`` (no bias)."""
+    bounds = (0, *matryoshka_prefixes(cfg))
+    x_hat = jnp.broadcast_to(params["b_dec"], x.shape)
+    losses = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        x_hat = x_hat + part(lo, hi)
+        losses.append(jnp.mean(jnp.sum((x - x_hat) ** 2, axis=1)))
+    return x_hat, jnp.stack(losses[:-1]) if len(losses) > 1 else jnp.zeros((0,), x.dtype)
 
 
 # ----------------------------------------------------------------------------- gated
@@ -129,7 +152,8 @@ def _gated_metrics(cfg) -> tuple[str, ...]:
 
 register(Arch("matryoshka", _matryoshka_train, _batchtopk_infer, uses_k=True, ema_threshold=True, dense_arrays=9,
               saelens="jumprelu", to_saelens=_batchtopk_export, from_saelens=_jump_load, loads_as="jumprelu",
-              dense_step=_matryoshka_step, metrics=_matryoshka_metrics))
+              dense_step=_matryoshka_step, sparse_step=_matryoshka_sparse, sparse_arrays=4,
+              metrics=_matryoshka_metrics))
 register(Arch("gated", _gated_train, _gated_infer, coef="l1_coef", extra_params=_gated_params, dense_arrays=8,
               saelens="gated", to_saelens=_gated_export, from_saelens=_gated_load,
               dense_step=_gated_step, metrics=_gated_metrics, saelens_b_enc="b_gate"))

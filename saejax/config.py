@@ -143,8 +143,9 @@ class SAEConfig:
     dead_tokens: int = 1_000_000
     """A latent is dead if it has not fired in the last this-many training tokens."""
     kernel: Literal["auto", "dense", "sparse"] = "auto"
-    """TopK: ``dense`` matmuls or ``sparse`` gather/scatter-add decoding (same numbers); ``auto``
-    picks the faster one for the backend and shape (:func:`saejax.kernels.resolve`)."""
+    """TopK family (``topk``, ``batchtopk``, ``matryoshka``): ``dense`` matmuls or ``sparse``
+    gather/scatter-add decoding (same numbers); ``auto`` picks the faster one for the backend and
+    shape (:func:`saejax.kernels.resolve`)."""
     matryoshka_prefixes: tuple[int, ...] | None = None
     """Matryoshka: nested prefix sizes, increasing, the last = d_sae; ``None`` = (d_sae//8, d_sae//4,
     d_sae//2, d_sae)."""

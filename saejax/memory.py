@@ -30,7 +30,7 @@ def member_bytes(sae_cfg: SAEConfig, tc: TrainConfig) -> int:
     acts = 6 * bs * d
     if kernels.resolve(sae_cfg) == "sparse":
         kk = sae_cfg.k + sae_cfg.n_aux
-        acts += 3 * kernels.ENCODE_CHUNK * n + 8 * bs * kk + 2 * kernels.CHUNK_BYTES // f32
+        acts += 3 * kernels.ENCODE_CHUNK * n + 8 * bs * kk + 2 * kernels.CHUNK_BYTES // f32 + arch.sparse_arrays * bs * n
     else:
         acts += arch.dense_arrays * bs * n
     return f32 * (5 * n_params + acts)

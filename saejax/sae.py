@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from saejax import archs, kernels
+from saejax import archs, kernels, kernels_batch
 from saejax.archs import batchtopk_latents, heaviside_ste, jumprelu, scatter_latents, topk_select  # noqa: F401
 from saejax.config import SAEConfig
 
@@ -138,16 +138,49 @@ def sparse_topk_step(cfg: SAEConfig, params: dict, x: jax.Array, dead: jax.Array
     x_hat = kernels.sparse_decode(vals, idx, params["W_dec"]) + params["b_dec"]
     fired = jnp.zeros(cfg.d_sae, bool).at[idx.reshape(-1)].max((vals > 0).reshape(-1))
     zero = jnp.zeros((), x.dtype)
-    aux = zero
+    aux = sparse_auxk(cfg, params, x, x_hat, dead, aux_vals, aux_idx)
+    return Step(x_hat, fired, jnp.mean(jnp.sum(vals > 0, axis=1)), zero, aux, zero)
+
+
+def batchtopk_entries(cfg: SAEConfig, params: dict, x: jax.Array,
+                      dead: jax.Array | DeadSet) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """BatchTopK's selection as entries (:func:`saejax.kernels_batch.batchtopk_encode`), with the
+    per-token AuxK picks when ``dead`` is a mask: ``(vals, tok, lat, aux_vals, aux_idx)``."""
+    mask = None if isinstance(dead, DeadSet) else dead
+    enc: tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array] = kernels_batch.batchtopk_encode(  # partial(custom_vjp) loses the type
+        x, params["W_enc"], params["b_enc"], params["b_dec"], mask, cfg.k, 0 if mask is None else cfg.n_aux)
+    return enc
+
+
+def entry_stats(cfg: SAEConfig, vals: jax.Array, lat: jax.Array, n_tok: int):
+    """``fired`` ``[d_sae]``, mean L0 and the smallest kept value of a batch's entries."""
+    on = vals > 0
+    fired = jnp.zeros(cfg.d_sae, bool).at[lat].max(on)
+    return fired, jnp.sum(on) / n_tok, jnp.min(jnp.where(on, vals, jnp.inf))
+
+
+def sparse_batchtopk_step(cfg: SAEConfig, params: dict, x: jax.Array, dead: jax.Array | DeadSet) -> Step:
+    """BatchTopK through :mod:`saejax.kernels_batch`: same numbers as :func:`dense_step`."""
+    vals, tok, lat, aux_vals, aux_idx = batchtopk_entries(cfg, params, x, dead)
+    x_hat = kernels_batch.decode_entries(vals, tok, lat, params["W_dec"], x.shape[0]) + params["b_dec"]
+    fired, l0, min_kept = entry_stats(cfg, vals, lat, x.shape[0])
+    aux = sparse_auxk(cfg, params, x, x_hat, dead, aux_vals, aux_idx)
+    return Step(x_hat, fired, l0, jnp.zeros((), x.dtype), aux, min_kept)
+
+
+def sparse_auxk(cfg: SAEConfig, params: dict, x: jax.Array, x_hat: jax.Array, dead: jax.Array | DeadSet,
+                aux_vals: jax.Array, aux_idx: jax.Array) -> jax.Array:
+    """AuxK of a sparse step: from the shared :class:`DeadSet` (a small dense matmul over the dead
+    columns), or by decoding the encoder's per-token ``[B, n_aux]`` picks; 0 without AuxK."""
     resid = jax.lax.stop_gradient(x - x_hat)
     if isinstance(dead, DeadSet):  # the dead columns' pre-activations: [B, d_in] @ [d_in, n_aux]
         w = params["W_enc"][:, dead.idx]  # x @ w - b_dec @ w: no [B, d_in] gradient for b_dec
         pre_dead = x @ w - params["b_dec"] @ w + params["b_enc"][dead.idx]
-        aux = _auxk_shared(cfg, params, pre_dead, resid, dead)
-    elif cfg.n_aux > 0:
+        return _auxk_shared(cfg, params, pre_dead, resid, dead)
+    if cfg.n_aux > 0:
         e_hat = kernels.sparse_decode(aux_vals, aux_idx, params["W_dec"])
-        aux = _auxk_ratio(cfg, e_hat, resid, jnp.sum(dead))
-    return Step(x_hat, fired, jnp.mean(jnp.sum(vals > 0, axis=1)), zero, aux, zero)
+        return _auxk_ratio(cfg, e_hat, resid, jnp.sum(dead))
+    return jnp.zeros((), x.dtype)
 
 
 def loss(cfg: SAEConfig, params: dict, x: jax.Array, hp: dict, dead: jax.Array | DeadSet, ramp: jax.Array):

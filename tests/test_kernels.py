@@ -1,5 +1,6 @@
-"""Sparse TopK kernels = the dense computation (values and gradients), training with them = dense
-training, the AuxK skip changes nothing, and memory-driven seed groups = one group."""
+"""Sparse kernels of the TopK family (TopK, BatchTopK, Matryoshka) = the dense computation (values
+and gradients), training with them = dense training, the AuxK skip changes nothing, and memory-driven
+seed groups = one group."""
 
 from functools import partial
 
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saejax import SAEConfig, SyntheticSource, TrainConfig, kernels, sae
+from saejax import SAEConfig, SyntheticSource, TrainConfig, kernels, kernels_batch, sae
 from saejax import memory as memory_mod
 from saejax import step as step_mod
 from saejax import train as train_mod
@@ -40,9 +41,14 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(kernels, "ENCODE_CHUNK", 128)
 
 
+SPARSE_ARCHS = ["topk", "batchtopk", "matryoshka"]
+
+
+@pytest.mark.parametrize("arch", SPARSE_ARCHS)
 @pytest.mark.parametrize("case", ["some_dead", "none_dead", "all_dead", "aux_off"])
-def test_sparse_loss_equals_dense_values_and_gradients(case, small_chunks):
+def test_sparse_loss_equals_dense_values_and_gradients(case, arch, small_chunks):
     cfg, p, x, rng = random_problem()
+    cfg = cfg.replace(arch=arch, matryoshka_prefixes=(10, 40, 96))
     dead = {"some_dead": rng.random(96) < 0.3, "none_dead": np.zeros(96, bool), "all_dead": np.ones(96, bool),
             "aux_off": rng.random(96) < 0.3}[case]
     if case == "aux_off":
@@ -51,9 +57,10 @@ def test_sparse_loss_equals_dense_values_and_gradients(case, small_chunks):
     for kernel in ("dense", "sparse"):
         fn = jax.jit(jax.value_and_grad(partial(sae.loss, cfg.replace(kernel=kernel)), has_aux=True))
         outs[kernel] = fn(p, x, HP, jnp.asarray(dead), 1.0)
-    (l_d, (m_d, f_d, _)), g_d = outs["dense"]
-    (l_s, (m_s, f_s, _)), g_s = outs["sparse"]
+    (l_d, (m_d, f_d, k_d)), g_d = outs["dense"]
+    (l_s, (m_s, f_s, k_s)), g_s = outs["sparse"]
     np.testing.assert_allclose(l_s, l_d, rtol=1e-6)
+    np.testing.assert_allclose(k_s, k_d, rtol=1e-6)  # BatchTopK's smallest kept value (its threshold)
     for name in m_d:
         np.testing.assert_allclose(m_s[name], m_d[name], rtol=1e-5, atol=1e-7, err_msg=name)
     np.testing.assert_array_equal(f_s, f_d)
@@ -78,6 +85,35 @@ def test_primitives_equal_dense_products(small_chunks):
     np.testing.assert_allclose(kernels.scatter_sum(v, idx, r), dense_v.sum(0), rtol=1e-5, atol=1e-5)
 
 
+def test_entry_primitives_equal_dense_products_and_vmap_equals_each_member(small_chunks):
+    """BatchTopK's entry kernels against dense ``[B, R]`` products (repeated entries summed), and
+    vmapped over members (one stacked table on CPU) against each member alone."""
+    rng = np.random.default_rng(2)
+    s, e, b, r, d = 3, 1500, 300, 50, 24
+    v = jnp.asarray(rng.standard_normal((s, e)), jnp.float32)
+    tok = jnp.asarray(rng.integers(0, b, (s, e)), jnp.int32)
+    lat = jnp.asarray(rng.integers(0, r, (s, e)), jnp.int32)
+    w = jnp.asarray(rng.standard_normal((s, r, d)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((s, b, d)), jnp.float32)
+    for m in range(s):
+        z = jnp.zeros((b, r)).at[tok[m], lat[m]].add(v[m])  # the dense latents holding the entries
+        np.testing.assert_allclose(kernels_batch.pair_scatter(v[m], lat[m], tok[m], w[m], b), z @ w[m], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(kernels_batch.pair_scatter(v[m], tok[m], lat[m], g[m], r), z.T @ g[m], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(kernels_batch.pair_dots(lat[m], w[m], tok[m], g[m]), (g[m] @ w[m].T)[tok[m], lat[m]],
+                                   rtol=1e-5, atol=1e-5)
+    one = [kernels_batch.decode_entries(v[m], tok[m], lat[m], w[m], b) for m in range(s)]
+    many = jax.vmap(lambda *a: kernels_batch.decode_entries(*a, b))(v, tok, lat, w)
+    np.testing.assert_allclose(many, jnp.stack(one), rtol=1e-6, atol=1e-6)
+    shared_tok = jax.vmap(lambda v_, l_, w_: kernels_batch.pair_dots(l_, w_, tok[0], g[0]))(v, lat, w)  # unbatched args
+    np.testing.assert_allclose(shared_tok, jnp.stack([kernels_batch.pair_dots(lat[m], w[m], tok[0], g[0]) for m in range(s)]),
+                               rtol=1e-6, atol=1e-6)
+    grads = jax.vmap(jax.grad(lambda v_, w_, t_, l_: jnp.sum(kernels_batch.decode_entries(v_, t_, l_, w_, b) ** 2),
+                              argnums=(0, 1)))(v, w, tok, lat)
+    for m in range(s):
+        ref = jax.grad(lambda v_, w_: jnp.sum((jnp.zeros((b, r)).at[tok[m], lat[m]].add(v_) @ w_) ** 2), argnums=(0, 1))(v[m], w[m])
+        assert rel_err([grads[0][m], grads[1][m]], ref) < 1e-5
+
+
 def test_topk_encode_selection_and_input_gradient(small_chunks):
     cfg, p, x, rng = random_problem()
     dead = jnp.asarray(rng.random(96) < 0.3)
@@ -94,10 +130,11 @@ def test_topk_encode_selection_and_input_gradient(small_chunks):
     np.testing.assert_allclose(gx, gx_ref, rtol=1e-5, atol=1e-6)
 
 
-def test_sparse_backward_does_no_dense_matmul():
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_sparse_backward_does_no_dense_matmul(arch):
     """Compiled FLOPs of the sparse step stay near the encoder forward (dense: ~4x more)."""
     d, n, b = 64, 2048, 256
-    cfg = SAEConfig(d_in=d, d_sae=n, k=8, aux_k=0)
+    cfg = SAEConfig(d_in=d, d_sae=n, k=8, aux_k=0, arch=arch)
     p = sae.init(cfg, jax.random.PRNGKey(0), jnp.zeros(d))
     x = jnp.ones((b, d))
     flops = {}
@@ -113,9 +150,11 @@ def test_sparse_backward_does_no_dense_matmul():
     assert flops["dense"] > 3 * forward, flops
 
 
-def test_auxk_skip_is_exact():
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_auxk_skip_is_exact(arch):
     """Members with and without dead latents, vmapped with the shared skip predicate = each alone."""
     cfg, p, x, rng = random_problem()
+    cfg = cfg.replace(arch=arch)
     params = jax.tree.map(lambda a: jnp.stack([a, a * 1.01, a * 0.99]), p)
     tc = TrainConfig(steps=1)
     for kernel in ("dense", "sparse"):
@@ -135,8 +174,10 @@ def test_auxk_skip_is_exact():
 SRC = SyntheticSource(d=16, n_features=40, s=3, n_heldout=1024)
 
 
-def test_sparse_training_matches_dense():
-    cfg = SAEConfig(d_in=16, d_sae=48, k=3, aux_k=6, dead_tokens=1024)  # latents die: AuxK runs
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_sparse_training_matches_dense(arch):
+    # latents die, so AuxK runs (BatchTopK keeps more latents alive: a shorter dead window)
+    cfg = SAEConfig(d_in=16, d_sae=48, k=3, aux_k=6, dead_tokens=1024 if arch == "topk" else 256, arch=arch)
     tc = TrainConfig(batch_size=128, steps=150, lr=3e-3, log_every=10, chunk_steps=50)
     dense = train(cfg, tc, SRC, [0, 1, 2], progress=False)
     sparse = train(cfg.replace(kernel="sparse"), tc, SRC, [0, 1, 2], progress=False)
@@ -144,13 +185,15 @@ def test_sparse_training_matches_dense():
     assert rel_err(sparse.params, dense.params) < 1e-4, rel_err(sparse.params, dense.params)
     np.testing.assert_allclose(sparse.history["loss"], dense.history["loss"], rtol=1e-4)
     np.testing.assert_allclose(sparse.history["dead_frac"], dense.history["dead_frac"], atol=1e-6)
+    if arch == "batchtopk":  # the inference threshold tracked from the smallest kept values
+        np.testing.assert_allclose(sparse.threshold, dense.threshold, rtol=1e-4)
 
 
 def test_member_bytes_bounds_compiled_memory():
     """The pre-compile estimate is at least XLA's own per-member figure, for every architecture."""
     tc = TrainConfig(batch_size=512, steps=10, log_every=2, chunk_steps=2)
-    for arch, kernel in [("topk", "dense"), ("topk", "sparse"), ("batchtopk", "dense"), ("relu", "dense"),
-                         ("jumprelu", "dense")]:
+    for arch, kernel in [("topk", "dense"), ("topk", "sparse"), ("batchtopk", "dense"), ("batchtopk", "sparse"),
+                         ("matryoshka", "sparse"), ("relu", "dense"), ("jumprelu", "dense")]:
         cfg = SAEConfig(d_in=64, d_sae=1024, k=8, arch=arch, kernel=kernel)
         used = []
         for m in (1, 2):
@@ -202,12 +245,13 @@ def test_auto_split_equals_one_group(monkeypatch, capsys):
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka"])
 def test_auto_kernel_is_the_measured_choice_and_equals_dense(arch):
-    """``kernel="auto"`` (the default) picks sparse on the CPU for TopK at d_sae >= 8k, dense where
-    the sparse kernel lost or does not exist, and gives the dense path's loss and gradients."""
+    """``kernel="auto"`` (the default) picks sparse on the CPU for the TopK family at d_sae >= 8k,
+    dense where the sparse kernel lost or does not exist, and gives the dense path's loss and gradients."""
     cfg, p, x, rng = random_problem()  # d_sae 96, k 5: ratio 19.2
     cfg = cfg.replace(arch=arch)
     assert SAEConfig(d_in=8, d_sae=32, k=4).kernel == "auto"
-    assert kernels.resolve(cfg) == ("sparse" if arch == "topk" else "dense")
+    assert kernels.resolve(cfg) == "sparse"
+    assert kernels.resolve(cfg.replace(arch="relu")) == "dense"  # no sparse step
     assert kernels.resolve(cfg.replace(k=13)) == "dense"  # 96 < 8 x 13: the dense kernel won there
     assert kernels.resolve(cfg.replace(kernel="dense")) == "dense"
     dead = jnp.asarray(rng.random(96) < 0.3)
