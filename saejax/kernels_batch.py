@@ -95,7 +95,7 @@ def _pair_dots_vmap(axis_size, in_batched, a_idx, a, b_idx, b):
 
 def _offset(idx: jax.Array, n_rows: int) -> jax.Array:
     """Indices ``[S, E]`` of member ``s`` into a table of ``S * n_rows`` rows, flattened to ``[S * E]``."""
-    return (idx + jnp.arange(idx.shape[0], dtype=idx.dtype)[:, None] * n_rows).reshape(-1)
+    return kernels._offset(idx, n_rows).reshape(-1)
 
 
 # ----------------------------------------------------------------------------- decode

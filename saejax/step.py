@@ -168,6 +168,13 @@ def program_key(tc: TrainConfig) -> TrainConfig:
 
 
 @lru_cache(maxsize=32)
+def init_program(sae_cfg: SAEConfig, tc: TrainConfig, out_shardings):
+    """``jit(vmap(init_state))`` over member keys; cached so a later run of the same shape compiles
+    nothing (``tc`` as :func:`program_key` gives it)."""
+    return jax.jit(jax.vmap(partial(init_state, sae_cfg, tc), in_axes=(0, None)), out_shardings=out_shardings)
+
+
+@lru_cache(maxsize=32)
 def chunk_program(sae_cfg: SAEConfig, tc: TrainConfig, shared_data: bool):
     """``jit(vmap(scan(train_step)))`` for a chunk; cached so equal configs compile once. Steps
     past the end (``actives`` False) are skipped by a ``lax.cond`` on an unbatched predicate."""

@@ -33,6 +33,7 @@ from saejax.step import (  # noqa: F401
     TRACES,
     TrainState,
     chunk_program,
+    init_program,
     init_state,
     lr_schedule,
     make_optimizer,
@@ -312,7 +313,7 @@ def _init_members(sae_cfg, tc, members, points, b_dec, n_pad, on_members, rep):
     keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(tc.root_seed), s) for _, s in members])
     hp = {k: jnp.asarray([points[h][k] for h, _ in members], jnp.float32) for k in points[0]}
     keys, hp = sharding.pad_members((keys, hp), n_pad)
-    init = jax.jit(jax.vmap(partial(init_state, sae_cfg, tc), in_axes=(0, None)), out_shardings=on_members)
+    init = init_program(sae_cfg, program_key(tc), on_members)
     state = init(sharding.put(keys, rep), sharding.put(np.asarray(b_dec, np.float32), rep))
     return state, sharding.put_tree(hp, on_members)
 

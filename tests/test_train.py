@@ -80,8 +80,15 @@ def test_no_retrace_between_chunks():
     r = train(cfg, tc, SRC, [0, 1], progress=False)
     assert sum(train_mod.TRACES.values()) == 1  # 10 chunks, the last one padded, one trace
     assert r.log_steps[-1] == 95 and r.history["loss"].shape == (2, 19)
-    short = train(cfg, tc.replace(steps=15, decay="constant"), SRC, [0, 1], progress=False)
-    assert sum(train_mod.TRACES.values()) == 1  # another length compiles nothing new
+    compiles = []
+    listener = lambda event, secs, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        short = train(cfg, tc.replace(steps=15, decay="constant"), SRC, [0, 1], progress=False)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert sum(train_mod.TRACES.values()) == 1  # another length traces nothing new
+    assert compiles == []  # and XLA compiles nothing at all: init, chunks, evaluation all reused
     again = train(cfg, tc.replace(steps=15), SRC, [0, 1], progress=False)
     np.testing.assert_array_equal(short.params["W_dec"], again.params["W_dec"])
 
