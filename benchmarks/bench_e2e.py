@@ -22,8 +22,10 @@ was above 1 before, or above 1 plus the core count after (other work joined duri
 
     python benchmarks/bench_e2e.py --quick   # the small case with fewer steps (~2 minutes, 2 cores)
     python benchmarks/bench_e2e.py           # both cases of benchmarks/README.md (~12 minutes, 2 cores)
+    python benchmarks/bench_e2e.py --archs   # BatchTopK / Matryoshka: default train() vs kernel="dense"
 
-Writes ``benchmarks/results/e2e.json`` (``e2e_quick.json``) and prints a markdown table.
+Writes ``benchmarks/results/e2e.json`` (``e2e_quick.json``, ``e2e_archs.json``) and prints a
+markdown table.
 """
 
 from __future__ import annotations
@@ -67,9 +69,9 @@ def tokens(d_in: int, n: int) -> np.ndarray:
     return (x / np.sqrt(d_in)).astype(np.float32)
 
 
-def run_saejax(shape, n_seeds: int, batch: int, steps: int, x: np.ndarray) -> tuple[float, str]:
+def run_saejax(shape, n_seeds: int, batch: int, steps: int, x: np.ndarray, **cfg_kw) -> tuple[float, str]:
     d, n, k = shape
-    cfg = SAEConfig(d_in=d, d_sae=n, k=k)
+    cfg = SAEConfig(d_in=d, d_sae=n, k=k, **cfg_kw)
     t = time.perf_counter()
     r = train(cfg, TrainConfig(batch_size=batch, steps=steps), ArraySource(x), list(range(n_seeds)), progress=False)
     seconds = time.perf_counter() - t
@@ -133,14 +135,54 @@ def table(rows: list[dict], load: tuple) -> str:
     return "\n".join(lines)
 
 
+# --archs: arch -> shapes ((d_in, d_sae, k), S, batch, steps, rounds), default kernel against dense
+ARCH_CASES = {"batchtopk": [((128, 1024, 32), 16, 1024, 12, 3), ((128, 8192, 32), 4, 1024, 12, 3)],
+              "matryoshka": [((128, 8192, 32), 4, 1024, 12, 3)]}
+
+
+def bench_archs() -> list[dict]:
+    """The other archs with a sparse step: default ``train()`` (``kernel="auto"``) against the same
+    call with ``kernel="dense"``, interleaved, medians."""
+    rows = []
+    for arch, cases in ARCH_CASES.items():
+        for shape, n_seeds, batch, steps, rounds in cases:
+            x = tokens(shape[0], steps * batch)
+            for kern in ("auto", "dense"):  # first calls compile
+                run_saejax(shape, n_seeds, batch, steps, x, arch=arch, kernel=kern)
+            times: dict[str, list[float]] = {"auto": [], "dense": []}
+            for _ in range(rounds):
+                for kern in times:
+                    times[kern].append(run_saejax(shape, n_seeds, batch, steps, x, arch=arch, kernel=kern)[0])
+            auto, dense = statistics.median(times["auto"]), statistics.median(times["dense"])
+            kernel = kernels.resolve(SAEConfig(d_in=shape[0], d_sae=shape[1], k=shape[2], arch=arch))
+            rows.append({"arch": arch, "shape": shape, "S": n_seeds, "batch": batch, "steps": steps, "kernel": kernel,
+                         "auto_s": times["auto"], "dense_s": times["dense"], "speedup": dense / auto,
+                         "auto_seed_tok_s": n_seeds * batch * steps / auto})
+            print(f"  {arch} {shape}: auto ({kernel}) {auto:.1f} s, dense {dense:.1f} s: {dense / auto:.2f}x", flush=True)
+    return rows
+
+
+def arch_table(rows: list[dict], load: tuple) -> str:
+    lines = [f"load average {load[0][0]:.2f} before, {load[1][0]:.2f} after"
+             + (" -- LOADED: not a quiet machine's figures, do not quote" if is_loaded(load) else ""), "",
+             "| arch | shape (d_in, d_sae, k) | S | B | steps | `train()` default | kernel=\"dense\" | default seed-tok/s | speedup |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['arch']} | {tuple(r['shape'])} | {r['S']} | {r['batch']} | {r['steps']} "
+                     f"| {statistics.median(r['auto_s']):.1f} s ({r['kernel']}) | {statistics.median(r['dense_s']):.1f} s "
+                     f"| {r['auto_seed_tok_s']:,.0f} | **{r['speedup']:.2f}x** |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="the small case, fewer steps and rounds")
     p.add_argument("--cases", nargs="*", choices=list(CASES), help="only these cases")
+    p.add_argument("--archs", action="store_true", help="BatchTopK and Matryoshka: default kernel against dense")
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/e2e[_quick].json)")
     a = p.parse_args(argv)
     plan = QUICK if a.quick else {k: v for k, v in CASES.items() if not a.cases or k in a.cases}
-    out = a.out or HERE / "results" / ("e2e_quick.json" if a.quick else "e2e.json")
+    out = a.out or HERE / "results" / ("e2e_archs.json" if a.archs else "e2e_quick.json" if a.quick else "e2e.json")
     torch.set_num_threads(os.cpu_count() or 1)
     info = bench_train.machine()
     before = os.getloadavg()
@@ -148,14 +190,14 @@ def main(argv=None) -> None:
           f"{info['versions']['torch']} ({torch.get_num_threads()} threads), commit {info['commit']}; "
           f"load average {before[0]:.2f}", flush=True)
     t0 = time.perf_counter()
-    rows = [bench_case(name, case) for name, case in plan.items()]
+    rows = bench_archs() if a.archs else [bench_case(name, case) for name, case in plan.items()]
     load = (before, os.getloadavg())
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": info, "load_before": load[0], "load_after": load[1],
                                "loaded": is_loaded(load), "rows": rows,
                                "seconds": time.perf_counter() - t0, "date": time.strftime("%Y-%m-%d %H:%M")}, indent=1))
     print()
-    print(table(rows, load))
+    print(arch_table(rows, load) if a.archs else table(rows, load))
     print(f"\n{time.perf_counter() - t0:.0f} s in all; JSON in {out}")
 
 

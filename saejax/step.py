@@ -176,8 +176,10 @@ def init_program(sae_cfg: SAEConfig, tc: TrainConfig, out_shardings):
 
 @lru_cache(maxsize=32)
 def chunk_program(sae_cfg: SAEConfig, tc: TrainConfig, shared_data: bool):
-    """``jit(vmap(scan(train_step)))`` for a chunk; cached so equal configs compile once. Steps
-    past the end (``actives`` False) are skipped by a ``lax.cond`` on an unbatched predicate."""
+    """``jit(vmap(loop(train_step)))`` for a chunk; cached so equal configs compile once. Only the
+    chunk's first ``sum(actives)`` steps run (a loop with a traced trip count, shared by all
+    members); the steps past the end are never executed, so a short call costs nothing for the
+    chunk's unused length (a ``lax.cond`` per step copied the whole state through each skipped one)."""
 
     def member(state, xs, actives, hp, scale, total):
         TRACES[(sae_cfg, tc, shared_data)] += 1  # runs only while tracing
@@ -185,11 +187,15 @@ def chunk_program(sae_cfg: SAEConfig, tc: TrainConfig, shared_data: bool):
         def step(st, x):
             return train_step(sae_cfg, tc, total, st, x, jnp.ones((), bool), hp, scale, MEMBER_AXIS)
 
-        def body(st, inp):
-            skip = lambda: (st, jax.tree.map(jnp.zeros_like, jax.eval_shape(step, st, inp[0])[1]))  # noqa: E731
-            return jax.lax.cond(inp[1], lambda: step(st, inp[0]), skip)
+        def body(i, carry):
+            st, ms = carry
+            st, m = step(st, xs[i])
+            return st, {k: ms[k].at[i].set(m[k]) for k in ms}
 
-        state, m = jax.lax.scan(body, state, (xs, actives))
+        like = jax.eval_shape(step, state, xs[0])[1]
+        ms = {k: jnp.zeros((xs.shape[0], *v.shape), v.dtype) for k, v in like.items()}
+        # the active steps are a prefix of the chunk (it is padded at its end)
+        state, m = jax.lax.fori_loop(0, jnp.sum(actives, dtype=jnp.int32), body, (state, ms))
         w = actives.reshape(-1, tc.log_every).astype(jnp.float32)  # window means over active steps
         m = {k: jnp.sum(v.reshape(w.shape) * w, 1) / jnp.maximum(w.sum(1), 1) for k, v in m.items()}
         return state, m
