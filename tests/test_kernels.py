@@ -71,6 +71,22 @@ def test_sparse_loss_equals_dense_values_and_gradients(case, arch, small_chunks)
         assert rel_err(g_s[name], g_d[name]) < 1e-5, (name, rel_err(g_s[name], g_d[name]))
 
 
+def test_sparse_topk_on_wide_rows_equals_dense():
+    """At d_sae >= 256 k the encoder's top-k takes the block-maxima route of ``top_k_rows``: the
+    same loss and gradients as the dense path's ``lax.top_k``, with and without AuxK picks."""
+    cfg, p, x, rng = random_problem(d_sae=2048, n=64)
+    cfg = cfg.replace(k=4, aux_k=12)
+    dead = jnp.asarray(rng.random(2048) < 0.3)
+    outs = [jax.jit(jax.value_and_grad(partial(sae.loss, cfg.replace(kernel=kern)), has_aux=True))(p, x, HP, dead, 1.0)
+            for kern in ("dense", "sparse")]
+    (l_d, (m_d, f_d, _)), g_d = outs[0]
+    (l_s, (m_s, f_s, _)), g_s = outs[1]
+    np.testing.assert_allclose(l_s, l_d, rtol=1e-6)
+    assert float(m_d["aux"]) > 0
+    np.testing.assert_array_equal(f_s, f_d)
+    assert rel_err(g_s, g_d) < 1e-5
+
+
 def test_primitives_equal_dense_products(small_chunks):
     rng = np.random.default_rng(1)
     b, k, r, d = 300, 7, 50, 24
