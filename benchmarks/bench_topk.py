@@ -9,7 +9,10 @@ each an exact method (its indices are checked against ``lax.top_k``'s as a set):
 - ``lax.top_k`` on 16 row blocks: independent ops XLA may run concurrently;
 - block maxima: top-k of the 32-wide block maxima, then top-k of the k chosen blocks;
 - radix select: the k-th largest key per row by 32 count passes, then compaction by cumsum;
-- NumPy ``argpartition`` on 2 threads, as a host callback (``jax.pure_callback``);
+- NumPy ``argpartition`` on every core, as a copying host callback (``jax.pure_callback``);
+- ``saejax.topk.top_k_rows``, the library's default: on a CPU the same NumPy selection reading and
+  writing XLA's buffers in place (``buffer_callback``, :func:`saejax.topk.host_top_k`), in exactly
+  ``lax.top_k``'s order;
 - ``torch.topk`` on every core (what the PyTorch loop uses);
 
 and the encoder matmul ``x @ W_enc`` of the same rows as the scale.
@@ -39,6 +42,8 @@ from jax import lax
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bench_train  # noqa: E402
+
+from saejax import topk  # noqa: E402
 
 POOL = ThreadPoolExecutor(os.cpu_count() or 1)
 
@@ -87,7 +92,8 @@ def methods(k: int):
 
     return {"lax.top_k": jax.jit(lambda x: lax.top_k(x, k)[1]), "lax.top_k, 16 row blocks": jax.jit(split),
             "block maxima (32 wide), two top_k": jax.jit(block_max), "radix select + cumsum compaction": jax.jit(radix),
-            "NumPy argpartition, host callback": jax.jit(callback)}
+            "NumPy argpartition, pure_callback (copies its operand)": jax.jit(callback),
+            "saejax.topk.top_k_rows (host, in place)": jax.jit(lambda x: topk.top_k_rows(x, k)[1])}
 
 
 def timed(f, reps: int) -> float:
