@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from saejax import topk
 from saejax.errors import ConfigError
 
 
@@ -123,7 +124,7 @@ def get(name: str) -> Arch:
 # ----------------------------------------------------------------------------- latent primitives
 def topk_select(pre: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """Top-k values (after ReLU) and their latent indices, per token: ``[B, k]`` each."""
-    vals, idx = jax.lax.top_k(pre, k)
+    vals, idx = topk.top_k(pre, k)
     return jax.nn.relu(vals), idx
 
 
@@ -136,7 +137,7 @@ def batchtopk_latents(pre: jax.Array, k: int) -> jax.Array:
     """Keep the ``k * B`` largest ReLU'd pre-activations of the whole batch."""
     b, d = pre.shape
     flat = jax.nn.relu(pre).reshape(-1)
-    vals, idx = jax.lax.top_k(flat, k * b)
+    vals, idx = topk.top_k(flat, k * b)
     return jnp.zeros_like(flat).at[idx].set(vals).reshape(b, d)
 
 

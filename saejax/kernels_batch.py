@@ -24,7 +24,7 @@ from functools import cache, partial
 import jax
 import jax.numpy as jnp
 
-from saejax import kernels
+from saejax import kernels, topk
 from saejax.kernels import _chunked, _flatten_members, _members_flat, _pad_rows
 
 
@@ -136,10 +136,10 @@ def _encode(x, w_enc, b_enc, b_dec, dead, k, n_aux):
     xc = x - b_dec
     pre = xc @ w_enc + b_enc
     b, d_sae = pre.shape
-    vals, flat = jax.lax.top_k(jax.nn.relu(pre).reshape(-1), k * b)
+    vals, flat = topk.top_k(jax.nn.relu(pre).reshape(-1), k * b)
     tok, lat = flat // d_sae, flat % d_sae
     if n_aux > 0:
-        araw, aidx = jax.lax.top_k(jnp.where(dead, pre, -jnp.inf), n_aux)
+        araw, aidx = topk.top_k(jnp.where(dead, pre, -jnp.inf), n_aux)
         alive = jnp.isfinite(araw) & (araw > 0)
     else:
         araw, aidx = jnp.zeros((b, 0), pre.dtype), jnp.zeros((b, 0), jnp.int32)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from saejax import archs, kernels, kernels_batch
+from saejax import archs, kernels, kernels_batch, topk
 from saejax.archs import batchtopk_latents, heaviside_ste, jumprelu, scatter_latents, topk_select  # noqa: F401
 from saejax.config import SAEConfig
 
@@ -248,7 +248,7 @@ def auxk_loss(cfg: SAEConfig, params: dict, pre: jax.Array, resid: jax.Array, de
     if isinstance(dead, DeadSet):
         return _auxk_shared(cfg, params, pre[:, dead.idx], resid, dead)
     masked = jnp.where(dead, pre, -jnp.inf)
-    vals, idx = jax.lax.top_k(masked, cfg.n_aux)
+    vals, idx = topk.top_k(masked, cfg.n_aux)
     vals = jnp.where(jnp.isfinite(vals), jax.nn.relu(vals), 0.0)
     e_hat = scatter_latents(vals, idx, cfg.d_sae) @ params["W_dec"]
     return _auxk_ratio(cfg, e_hat, resid, jnp.sum(dead))

@@ -47,23 +47,25 @@ def top_k_rows(s: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     w = 1 << max(0, int(np.sqrt(n * k)).bit_length() - 1)  # block count ~ sqrt(n k) minimises w + g k
     g = n // w
     if n < 256 * k:  # measured on XLA:CPU: below this the two top_k calls cost more than one
-        return _top_k(s, k)
+        return top_k(s, k)
     main = s[:, : g * w].reshape(rows, g, w)
     tail = jnp.pad(s[:, g * w:], ((0, 0), (0, w - (n - g * w))), constant_values=-jnp.inf)[:, None, :]
     parts = [main[:, j] for j in range(g)] + ([tail[:, 0]] if n > g * w else [])
     while len(parts) > 1:  # a balanced tree of elementwise maxima
         parts = [jnp.maximum(x, y) for x, y in zip(parts[::2], parts[1::2])] + parts[len(parts) // 2 * 2:]
-    _, blocks = _top_k(parts[0], k)
+    _, blocks = top_k(parts[0], k)
     blocks = jnp.sort(blocks, axis=1)[:, None, :]  # [rows, 1, k], ascending: candidates in column order
     cand = jnp.take_along_axis(main, blocks, axis=2)
     if n > g * w:
         cand = jnp.concatenate([cand, jnp.take_along_axis(tail, blocks, axis=2)], axis=1)
-    v, pos = _top_k(cand.reshape(rows, -1), k)
+    v, pos = top_k(cand.reshape(rows, -1), k)
     col = (pos // k) * w + jnp.take_along_axis(blocks[:, 0], pos % k, axis=1)
     return v, col.astype(jnp.int32)
 
 
-def _top_k(s: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+def top_k(s: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """``lax.top_k(s, k)`` with int32 indices, exactly: through :func:`host_top_k` where
+    :func:`use_host` says so (a one-device CPU), else ``lax.top_k`` itself."""
     if use_host(s, k):
         return host_top_k(s, k)
     v, i = lax.top_k(s, k)

@@ -119,13 +119,16 @@ def _fill(streams, chunk: int, rows: slice, d: int, n: int, start: int) -> tuple
     the error message). A stream listed twice (a padding member) is read once."""
     xs = np.zeros((len(streams), chunk, rows.stop - rows.start, d), np.float32)
     first: dict = {}
+    finite = np.ones(chunk, bool)
+    # one member at a time, so that no single NumPy call holds the GIL for long while the device
+    # runs the previous chunk (its host top-k, saejax.topk.host_top_k, needs the GIL)
     for i, stream in enumerate(streams):
         if id(stream) in first:
             xs[i] = xs[first[id(stream)]]
         else:
             first[id(stream)] = i
             stream.fill(xs[i, :n], rows)
-    finite = np.isfinite(xs).all(axis=(0, 2, 3))
+            finite &= np.isfinite(xs[i]).all(axis=(1, 2))
     if not finite.all():
         step = start + int(np.argmin(finite)) + 1
         raise ConfigError(f"activation data contains NaN/inf values (in the training batch of step {step}); clean the source")

@@ -49,6 +49,19 @@ def test_host_top_k_equals_lax_top_k(host_everywhere, rows, n, k):
             np.testing.assert_array_equal(np.asarray(topk.top_k_rows(s, k)[1]), np.asarray(ri))
 
 
+@pytest.mark.parametrize("positive", [0.6, 0.01])
+def test_host_top_k_of_a_flat_batch(host_everywhere, positive):
+    """BatchTopK's one top-k over a whole batch's ReLU'd pre-activations (1-D, k = 32 B), with the
+    k-th value positive, and with fewer positives than k so that zeros tie across the boundary."""
+    rng = np.random.default_rng(6)
+    flat = np.maximum(rng.standard_normal(300 * 256) + (rng.random(300 * 256) < positive) * 5 - 5, 0)
+    s = jnp.asarray(flat, jnp.float32)
+    v, i = jax.jit(partial(topk.top_k, k=32 * 300))(s)
+    rv, ri = jax.lax.top_k(s, 32 * 300)
+    np.testing.assert_array_equal(np.asarray(i), np.asarray(ri))
+    np.testing.assert_array_equal(np.asarray(v), np.asarray(rv))
+
+
 def test_host_top_k_under_vmap_and_grad(host_everywhere):
     """Vmapped (two nested axes) it equals each table alone; its values carry lax.top_k's gradient."""
     rng = np.random.default_rng(3)
@@ -83,10 +96,11 @@ def test_host_top_k_block_route_and_the_switches(monkeypatch, host_everywhere):
     assert not topk.use_host(s, 32)
 
 
-def test_training_with_the_host_top_k_equals_xla(monkeypatch):
-    """The sparse TopK kernel trained through the host top-k gives the same parameters and metrics
-    as with every top-k in XLA (the same columns in the same order, so the same sums)."""
-    cfg = SAEConfig(d_in=16, d_sae=256, k=4, kernel="sparse", dead_tokens=256)
+@pytest.mark.parametrize("arch,kernel", [("topk", "sparse"), ("batchtopk", "sparse"), ("batchtopk", "dense")])
+def test_training_with_the_host_top_k_equals_xla(monkeypatch, arch, kernel):
+    """Trained through the host top-k, the same parameters and metrics as with every top-k in XLA
+    (the same columns in the same order, so the same sums), AuxK included."""
+    cfg = SAEConfig(d_in=16, d_sae=256, k=4, arch=arch, kernel=kernel, dead_tokens=256)
     tc = TrainConfig(batch_size=128, steps=48, log_every=8, lr=3e-3)
     src = SyntheticSource(d=16, n_features=64, s=3, n_heldout=1024)
     out = {}
