@@ -126,6 +126,8 @@ def host_top_k(s: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
     XLA:CPU's TopK is a one-thread partial sort per row (~10 ns per element); NumPy's introselect on
     all cores is ~3x faster at [16384, 1024], k = 32 (``benchmarks/bench_topk.py``)."""
+    if buffer_callback is None:
+        raise RuntimeError("host_top_k needs jax.experimental.buffer_callback (jax >= 0.7)")
     spec = jax.ShapeDtypeStruct((*s.shape[:-1], k), jnp.int32)
     idx = buffer_callback(_callback, spec, vmap_method="expand_dims")(lax.stop_gradient(s))
     return jnp.take_along_axis(s, idx, axis=-1), idx
