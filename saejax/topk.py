@@ -39,7 +39,8 @@ def top_k_rows(s: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     score; the values are always exact. The block maxima are a tree of elementwise ``maximum``s
     because XLA:CPU reduces a middle or minor axis of this size ~10x slower. (XLA:CPU's ``top_k`` costs ~10 ns per element and a fixed
     amount per row; this cuts the elements ~10x at ``n = 16k``, ``k = 32``: 1.6x faster there, no
-    faster below ``n = 256 k``, where plain ``lax.top_k`` is used. ``k = 1`` is ``max``/``argmax``.)
+    faster below ``n = 256 k``, where plain :func:`top_k` is used. ``k = 1`` is ``max``/``argmax``.
+    Every inner top-k is :func:`top_k`: on a one-device CPU, :func:`host_top_k`.)
     """
     rows, n = s.shape
     if k == 1:
@@ -74,7 +75,7 @@ def top_k(s: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
 # ----------------------------------------------------------------------------- the CPU's host path
 def use_host(s: jax.Array, k: int) -> bool:
-    """Whether :func:`top_k_rows` hands ``s`` to NumPy: float32, large enough, traced for a CPU
+    """Whether :func:`top_k` hands ``s`` to NumPy: float32, large enough, traced for a CPU
     backend of one device (a callback under a multi-device sharding would gather its operand)."""
     return (buffer_callback is not None and s.dtype == jnp.float32 and s.size >= HOST_MIN_ELEMENTS
             and k <= s.shape[-1] and os.environ.get("SAEJAX_HOST_TOPK", "1") != "0"
@@ -120,12 +121,12 @@ def _callback(_ctx, out, s) -> None:
 
 
 def host_top_k(s: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """``lax.top_k(s, k)`` of a float32 ``[..., n]`` table on the CPU, ~3x faster: the indices by
+    """``lax.top_k(s, k)`` of a float32 ``[..., n]`` table on the CPU, ~2.3x faster: the indices by
     :func:`top_k_indices_np` on every core, reading and writing XLA's buffers in place (a
     ``buffer_callback``), the values gathered back in XLA so gradients flow through them.
 
     XLA:CPU's TopK is a one-thread partial sort per row (~10 ns per element); NumPy's introselect on
-    all cores is ~3x faster at [16384, 1024], k = 32 (``benchmarks/bench_topk.py``)."""
+    2 cores is 2.3x faster at [16384, 1024], k = 32 (``benchmarks/bench_topk.py``)."""
     if buffer_callback is None:
         raise RuntimeError("host_top_k needs jax.experimental.buffer_callback (jax >= 0.7)")
     spec = jax.ShapeDtypeStruct((*s.shape[:-1], k), jnp.int32)
