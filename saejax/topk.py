@@ -90,21 +90,27 @@ def _pool() -> tuple[ThreadPoolExecutor, int]:
 
 def top_k_indices_np(a: np.ndarray, k: int, out: np.ndarray) -> None:
     """``out[:] = lax.top_k(a, k)[1]`` for a 2-D float32 array, in NumPy: the same columns in the
-    same order (value descending, equal values by ascending column). ``argpartition``
-    (introselect) finds a row's ``k`` largest in linear time; the rare rows where values equal to
-    the ``k``-th also lie outside that selection take a stable full sort, so ties resolve as
-    ``lax.top_k`` resolves them; the ``k`` columns are then ordered by one integer sort of
+    same order (value descending, equal values by ascending column). ``partition`` (introselect
+    on the values, ~2.5x cheaper than ``argpartition``'s indirect one) finds each row's ``k``-th
+    and ``k + 1``-th largest values; where they differ, the row's ``k`` largest are exactly the
+    entries at or above the ``k``-th, read off a mask in column order. The rare rows where they
+    are equal (ties across the cut, or NaN) take a stable full sort, so ties resolve as
+    ``lax.top_k`` resolves them. The ``k`` columns are then ordered by one integer sort of
     (value, column) keys."""
     rows, n = a.shape
-    idx = np.argpartition(a, n - k, axis=1)[:, n - k:]
-    flat = a.ravel()
-    v = flat[idx + (np.arange(rows) * n)[:, None]]
-    kth = v.min(axis=1, keepdims=True)
-    tied = np.flatnonzero(np.count_nonzero(a == kth, axis=1) > np.count_nonzero(v == kth, axis=1))
-    if tied.size:
-        idx[tied] = np.argsort(-a[tied], axis=1, kind="stable")[:, :k]
-        v[tied] = np.take_along_axis(a[tied], idx[tied], axis=1)
-    b = v.view(np.uint32)
+    if k == n:
+        idx = np.broadcast_to(np.arange(n), (rows, n))
+    else:
+        part = np.partition(a, n - k - 1, axis=1)
+        kth = part[:, n - k:].min(axis=1)
+        tied = ~(part[:, n - k - 1] < kth)
+        mask = a >= kth[:, None]
+        mask[tied] = False
+        idx = np.empty((rows, k), np.int64)
+        idx[~tied] = (np.flatnonzero(mask) % n).reshape(-1, k)
+        if tied.any():
+            idx[tied] = np.argsort(-a[tied], axis=1, kind="stable")[:, :k]
+    b = np.take_along_axis(a, idx, axis=1).view(np.uint32)
     desc = np.where(b >> 31, b, ~b & np.uint32(0x7FFFFFFF))  # unsigned keys ascending as v descends
     keys = np.sort((desc.astype(np.uint64) << np.uint64(32)) | idx.astype(np.uint64), axis=1)
     out[:] = keys & np.uint64(0xFFFFFFFF)
