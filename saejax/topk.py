@@ -99,18 +99,24 @@ def top_k_indices_np(a: np.ndarray, k: int, out: np.ndarray) -> None:
     (value, column) keys."""
     rows, n = a.shape
     if k == n:
-        idx = np.broadcast_to(np.arange(n), (rows, n))
+        idx, v = np.broadcast_to(np.arange(n), (rows, n)), a
     else:
         part = np.partition(a, n - k - 1, axis=1)
         kth = part[:, n - k:].min(axis=1)
         tied = ~(part[:, n - k - 1] < kth)
         mask = a >= kth[:, None]
-        mask[tied] = False
-        idx = np.empty((rows, k), np.int64)
-        idx[~tied] = (np.flatnonzero(mask) % n).reshape(-1, k)
-        if tied.any():
+        if not tied.any():
+            flat = np.flatnonzero(mask)
+            idx, v = (flat % n).reshape(rows, k), a.ravel()[flat].reshape(rows, k)
+        else:
+            mask[tied] = False
+            flat = np.flatnonzero(mask)
+            idx, v = np.empty((rows, k), np.int64), np.empty((rows, k), np.float32)
+            idx[~tied] = (flat % n).reshape(-1, k)
+            v[~tied] = a.ravel()[flat].reshape(-1, k)
             idx[tied] = np.argsort(-a[tied], axis=1, kind="stable")[:, :k]
-    b = np.take_along_axis(a, idx, axis=1).view(np.uint32)
+            v[tied] = np.take_along_axis(a[tied], idx[tied], axis=1)
+    b = v.view(np.uint32)
     desc = np.where(b >> 31, b, ~b & np.uint32(0x7FFFFFFF))  # unsigned keys ascending as v descends
     keys = np.sort((desc.astype(np.uint64) << np.uint64(32)) | idx.astype(np.uint64), axis=1)
     out[:] = keys & np.uint64(0xFFFFFFFF)
@@ -122,7 +128,9 @@ def _callback(_ctx, out, s) -> None:
     o = np.asarray(out).reshape(a.shape[0], -1)  # views of XLA's buffers: nothing is copied
     k = o.shape[1]
     pool, workers = _pool()
-    step = max(1, -(-a.shape[0] // workers))  # NumPy's partition releases the GIL: one span per core
+    # NumPy's partition releases the GIL: spans of ~1 MiB (cache-sized: 1.5x faster than one span
+    # per core at [4096, 1024]) shared among the cores
+    step = max(1, min(-(-a.shape[0] // workers), (1 << 18) // a.shape[1]))
     list(pool.map(lambda lo: top_k_indices_np(a[lo:lo + step], k, o[lo:lo + step]), range(0, a.shape[0], step)))
 
 
