@@ -23,7 +23,7 @@ B=4096, k=32, d_in=768). The top-k is exact (:func:`saejax.topk.top_k_rows`, whi
 ``lax.top_k`` below ``d_sae = 256 k`` and block maxima above; ties spanning more than ``k`` blocks
 can name other columns of the same value, which for the non-positive values of such ties changes
 nothing). On a one-device CPU its selections run in NumPy on every core
-(:func:`saejax.topk.host_top_k`, ~2.3x faster than XLA:CPU's one-thread TopK; ``SAEJAX_HOST_TOPK=0``
+(:func:`saejax.topk.host_top_k`, ~4x faster than XLA:CPU's one-thread TopK; ``SAEJAX_HOST_TOPK=0``
 keeps them in XLA). ``lax.approx_max_k`` is approximate only on TPU and falls back to sort-and-slice on CPU
 and GPU, where it was not faster; ``benchmarks/bench_topk.py`` times the other exact methods tried.
 """

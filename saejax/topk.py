@@ -135,12 +135,12 @@ def _callback(_ctx, out, s) -> None:
 
 
 def host_top_k(s: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """``lax.top_k(s, k)`` of a float32 ``[..., n]`` table on the CPU, ~2.3x faster: the indices by
+    """``lax.top_k(s, k)`` of a float32 ``[..., n]`` table on the CPU, ~4x faster: the indices by
     :func:`top_k_indices_np` on every core, reading and writing XLA's buffers in place (a
     ``buffer_callback``), the values gathered back in XLA so gradients flow through them.
 
     XLA:CPU's TopK is a one-thread partial sort per row (~10 ns per element); NumPy's introselect on
-    2 cores is 2.3x faster at [16384, 1024], k = 32 (``benchmarks/bench_topk.py``)."""
+    2 cores is 4.0x faster at [16384, 1024], k = 32 (``benchmarks/bench_topk.py``)."""
     if buffer_callback is None:
         raise RuntimeError("host_top_k needs jax.experimental.buffer_callback (jax >= 0.7)")
     spec = jax.ShapeDtypeStruct((*s.shape[:-1], k), jnp.int32)
